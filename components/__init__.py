@@ -1,0 +1,1 @@
+"""Pipeline steps and the plumbing they share (config, storage, tracking, manifest, CLI)."""

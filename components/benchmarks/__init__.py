@@ -1,0 +1,1 @@
+"""Benchmark cases, one module per subject; each registers with ``components.bench.benchmark``."""

