@@ -1,0 +1,773 @@
+"""Diffusion transformer (DiT) over packed spacetime tokens.
+
+Peebles & Xie's DiT with the pieces a text-to-video model needs:
+
+* **adaLN-Zero** blocks conditioned on the timestep (one per clip, broadcast to its tokens);
+* self-attention over *packed* tokens of several clips (see ``model.patches``) that never crosses a
+  clip boundary, with **3D RoPE** computed from integer ``(t, h, w)`` coordinates (so any grid works
+  at inference) and **QK-norm** (RMSNorm on queries and keys);
+* **cross-attention** to each clip's own text tokens (PixArt-α style, zero-initialised output);
+* a zero-initialised final layer, so the model outputs exactly zero at init.
+
+Attention backends (``DiTConfig.attention_backend``):
+
+* ``"sdpa_segments"`` — ``F.scaled_dot_product_attention`` per clip. The CPU default: a dense block
+  mask is ~4x slower on CPU and FlexAttention has no CPU backward.
+* ``"dense_mask"`` — one SDPA call with an (N, N) block-diagonal mask; O(N²) memory, for tests.
+* ``"flex"`` — ``torch.nn.attention.flex_attention`` with a document mask; CUDA only.
+* ``"auto"`` — ``"flex"`` on CUDA when importable, else ``"sdpa_segments"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+ATTENTION_BACKENDS = ("sdpa_segments", "dense_mask", "flex", "auto")
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_FLEX_BLOCK = 128  # FlexAttention's sparse block size; sequences are padded to a multiple of it
+
+
+# --------------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Hyperparameters of a :class:`DiT`; passed whole to every submodule.
+
+    Attributes:
+        hidden_size: token width D.
+        depth: number of DiT blocks.
+        num_heads: attention heads; ``hidden_size / num_heads`` must be even (RoPE rotates pairs).
+        mlp_ratio: MLP hidden width / D.
+        patch_size: (pt, ph, pw) latent patch; tokens are ``in_channels * pt * ph * pw`` wide.
+        in_channels: latent channels of the VAE.
+        out_channels: predicted channels; ``None`` means ``in_channels``.
+        text_dim: width of the text encoder's hidden states.
+        qk_norm: RMSNorm on queries and keys (self- and cross-attention).
+        rope_theta: RoPE base period.
+        rope_axes_dim: head dims rotated by t, h, w (even, summing to the head dim); ``None``
+            gives h and w each the largest even number <= head_dim / 3 and t the rest.
+        attention_backend: one of ``ATTENTION_BACKENDS``.
+        gradient_checkpointing: recompute each block in backward (training only).
+        timestep_scale: flow time t in [0, 1] is multiplied by this before the sinusoidal
+            embedding, so its frequencies match DiT's 0..1000 step range.
+        frequency_embedding_size: width of the sinusoidal timestep features.
+    """
+
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 8
+    out_channels: int | None = None
+    text_dim: int = 384
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    rope_axes_dim: tuple[int, int, int] | None = None
+    attention_backend: str = "sdpa_segments"
+    gradient_checkpointing: bool = False
+    timestep_scale: float = 1000.0
+    frequency_embedding_size: int = 256
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; store tuples so the config stays hashable and compares equal.
+        for name in ("patch_size", "rope_axes_dim"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        for name in (
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "in_channels",
+            "text_dim",
+            "frequency_embedding_size",
+        ):
+            _check_int(name, getattr(self, name))
+        if self.out_channels is not None:
+            _check_int("out_channels", self.out_channels)
+        if len(self.patch_size) != 3:
+            raise ValueError(f"DiTConfig.patch_size must be (pt, ph, pw), got {self.patch_size!r}")
+        for p in self.patch_size:
+            _check_int("patch_size", p)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"DiTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"DiTConfig head dim hidden_size/num_heads={self.head_dim} must be even for RoPE"
+            )
+        if not (isinstance(self.mlp_ratio, (int, float)) and self.mlp_ratio > 0):
+            raise ValueError(f"DiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not self.rope_theta > 0 or not self.timestep_scale > 0:
+            raise ValueError("DiTConfig.rope_theta and timestep_scale must be > 0")
+        axes = self.rope_dims
+        if len(axes) != 3 or sum(axes) != self.head_dim or any(a <= 0 or a % 2 for a in axes):
+            raise ValueError(
+                f"DiTConfig.rope_axes_dim={axes} must be three positive even ints summing to the "
+                f"head dim {self.head_dim}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"DiTConfig.attention_backend={self.attention_backend!r} is not one of {ATTENTION_BACKENDS}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        if self.rope_axes_dim is not None:
+            return tuple(self.rope_axes_dim)
+        hw = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+    @property
+    def output_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def in_dim(self) -> int:
+        """Width of an input token: in_channels * pt * ph * pw."""
+        return self.in_channels * math.prod(self.patch_size)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of an output token: out_channels * pt * ph * pw."""
+        return self.output_channels * math.prod(self.patch_size)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# embeddings: timestep, 3D RoPE
+# --------------------------------------------------------------------------------------------
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time t in [0, 1] -> sinusoidal features of ``t * timestep_scale`` -> MLP."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.freq_dim, self.scale = cfg.frequency_embedding_size, cfg.timestep_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(self.freq_dim, cfg.hidden_size),
+            nn.SiLU(),
+            nn.Linear(cfg.hidden_size, cfg.hidden_size),
+        )
+
+    @staticmethod
+    def sinusoidal(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
+        args = t.float()[:, None] * freqs[None]  # (B, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+        return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        freq = self.sinusoidal(t * self.scale, self.freq_dim)  # (B, F)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
+
+
+def rope_angles(coords: Tensor, axes_dim: Sequence[int], theta: float) -> tuple[Tensor, Tensor]:
+    """3D RoPE: cos and sin (N, head_dim/2) in float32 from integer (t, h, w) coords (N, 3).
+
+    Each axis rotates its own slice of the head dim with the usual 1D frequencies, so the score
+    between two tokens depends only on their coordinate *difference* — any grid size works.
+    """
+    angles = []
+    for axis, dim in enumerate(axes_dim):
+        inv_freq = theta ** (
+            -torch.arange(0, dim, 2, device=coords.device, dtype=torch.float32) / dim
+        )  # (dim/2,)
+        angles.append(coords[:, axis].float()[:, None] * inv_freq[None])  # (N, dim/2)
+    angle = torch.cat(angles, dim=-1)  # (N, head_dim/2)
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent pairs of x (N, H, head_dim) by the per-token angles (N, head_dim/2)."""
+    pairs = rearrange(x.float(), "n h (d two) -> n h d two", two=2)  # (N, H, hd/2, 2)
+    x0, x1 = pairs.unbind(-1)  # (N, H, hd/2) each
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, hd/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (N, H, hd/2, 2)
+    return rearrange(out, "n h d two -> n h (d two)").type_as(x)  # (N, H, hd)
+
+
+# --------------------------------------------------------------------------------------------
+# attention over packed segments
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextCache:
+    """Text keys/values of every block, computed once per prompt batch and reused across steps.
+
+    Attributes:
+        kv: per block ``(k, v)``, each (B, Lt, H, head_dim), k already QK-normed.
+        mask: (B, Lt) bool, True for real text tokens.
+        valid_index: per row, the int64 positions of its real text tokens.
+    """
+
+    kv: list[tuple[Tensor, Tensor]]
+    mask: Tensor
+    valid_index: list[Tensor]
+
+    @property
+    def has_text(self) -> Tensor:
+        """(B,) bool; a row without text (e.g. the CFG null prompt) gets zero cross-attention."""
+        return self.mask.any(dim=-1)
+
+
+@dataclass
+class AttentionContext:
+    """Everything about the packing that attention needs, built once per forward."""
+
+    backend: str
+    seg_ids: Tensor  # (N,) int64
+    seqlens: list[int]  # B python ints
+    token_has_text: Tensor  # (N, 1) float: 0 where the clip has no text tokens
+    self_mask: Any = None  # dense: (N, N) bool; flex: BlockMask
+    cross_mask: Any = None  # dense: (N, B*Lt) bool; flex: BlockMask
+    text_valid_index: list[Tensor] | None = None
+
+
+def _flex_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "flex" if device.type == "cuda" and _flex_available() else "sdpa_segments"
+    if backend == "flex":
+        if device.type != "cuda":
+            raise RuntimeError(
+                f"attention_backend='flex' needs CUDA tensors (got device {device}); FlexAttention has "
+                "no CPU backward — use 'sdpa_segments' on CPU"
+            )
+        if not _flex_available():
+            raise RuntimeError(
+                "attention_backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)"
+            )
+    return backend
+
+
+def _pad_to_block(x: Tensor, fill: float | int = 0) -> Tensor:
+    """Pad dim 0 to a multiple of the flex block size."""
+    pad = -x.shape[0] % _FLEX_BLOCK
+    return F.pad(x, (0, 0) * (x.ndim - 1) + (0, pad), value=fill) if pad else x
+
+
+def build_attention_context(
+    backend: str, cu_seqlens: Tensor, num_tokens: int, device: torch.device, text: TextCache
+) -> AttentionContext:
+    seqlens = torch.diff(cu_seqlens).tolist()
+    if sum(seqlens) != num_tokens or any(n < 1 for n in seqlens):
+        raise ValueError(
+            f"cu_seqlens {cu_seqlens.tolist()} does not describe {num_tokens} tokens in non-empty segments"
+        )
+    lengths = torch.tensor(seqlens, device=device)
+    seg_ids = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lengths)  # (N,)
+    token_has_text = text.has_text.to(device)[seg_ids].float()[:, None]  # (N, 1)
+    ctx = AttentionContext(backend, seg_ids, seqlens, token_has_text)
+    if backend == "sdpa_segments":
+        ctx.text_valid_index = text.valid_index
+        return ctx
+    batch, text_len = text.mask.shape
+    text_seg = torch.arange(batch, device=device).repeat_interleave(text_len)  # (B*Lt,)
+    # rows without text attend to everything (no NaN) and are zeroed by token_has_text
+    text_ok = text.mask.reshape(-1) | ~text.has_text.repeat_interleave(text_len)  # (B*Lt,)
+    if backend == "dense_mask":
+        ctx.self_mask = seg_ids[:, None] == seg_ids[None, :]  # (N, N)
+        ctx.cross_mask = (seg_ids[:, None] == text_seg[None, :]) & text_ok[None, :]  # (N, B*Lt)
+    elif backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        q_seg = _pad_to_block(seg_ids, fill=-1)  # pad tokens form their own segment
+        kv_seg = _pad_to_block(
+            torch.where(text_ok, text_seg, -2), fill=-2
+        )  # masked text matches nothing
+
+        def same_clip(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return q_seg[q] == q_seg[kv]
+
+        def own_text(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+            return q_seg[q] == kv_seg[kv]
+
+        n_pad, t_pad = q_seg.shape[0], kv_seg.shape[0]
+        ctx.self_mask = create_block_mask(
+            same_clip, None, None, n_pad, n_pad, device=device, _compile=True
+        )
+        ctx.cross_mask = create_block_mask(
+            own_text, None, None, n_pad, t_pad, device=device, _compile=True
+        )
+    return ctx
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+    """Self-attention within each packed clip: q, k, v (N, H, hd) -> (N, H, hd)."""
+    if ctx.backend == "sdpa_segments":
+        outs = []
+        for qs, ks, vs in zip(
+            q.split(ctx.seqlens), k.split(ctx.seqlens), v.split(ctx.seqlens), strict=True
+        ):
+            qs, ks, vs = (rearrange(s, "n h d -> 1 h n d") for s in (qs, ks, vs))  # (1, H, L, hd)
+            outs.append(rearrange(F.scaled_dot_product_attention(qs, ks, vs), "1 h n d -> n h d"))
+        return torch.cat(outs)  # (N, H, hd)
+    if ctx.backend == "dense_mask":
+        q, k, v = (rearrange(s, "n h d -> 1 h n d") for s in (q, k, v))  # (1, H, N, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.self_mask)  # (1, H, N, hd)
+        return rearrange(out, "1 h n d -> n h d")
+    n = q.shape[0]
+    q, k, v = (
+        rearrange(_pad_to_block(s), "n h d -> 1 h n d") for s in (q, k, v)
+    )  # (1, H, Npad, hd)
+    out = _compiled_flex_attention()(q, k, v, block_mask=ctx.self_mask)  # (1, H, Npad, hd)
+    return rearrange(out, "1 h n d -> n h d")[:n]
+
+
+def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
+    """Cross-attention of each clip's tokens q (N, H, hd) to its own text k, v (B, Lt, H, hd)."""
+    if ctx.backend == "sdpa_segments":
+        outs = []
+        for b, qs in enumerate(q.split(ctx.seqlens)):
+            idx = ctx.text_valid_index[b]
+            if idx.numel() == 0:  # no text: zero update (token_has_text zeroes it anyway)
+                outs.append(torch.zeros_like(qs))
+                continue
+            ks, vs = k[b].index_select(0, idx), v[b].index_select(0, idx)  # (Lb, H, hd)
+            qs, ks, vs = (rearrange(s, "n h d -> 1 h n d") for s in (qs, ks, vs))
+            outs.append(rearrange(F.scaled_dot_product_attention(qs, ks, vs), "1 h n d -> n h d"))
+        out = torch.cat(outs)  # (N, H, hd)
+    elif ctx.backend == "dense_mask":
+        q = rearrange(q, "n h d -> 1 h n d")  # (1, H, N, hd)
+        k, v = (rearrange(s, "b l h d -> 1 h (b l) d") for s in (k, v))  # (1, H, B*Lt, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.cross_mask)  # (1, H, N, hd)
+        out = rearrange(out, "1 h n d -> n h d")
+    else:
+        n = q.shape[0]
+        q = rearrange(_pad_to_block(q), "n h d -> 1 h n d")  # (1, H, Npad, hd)
+        k, v = (
+            rearrange(_pad_to_block(rearrange(s, "b l h d -> (b l) h d")), "m h d -> 1 h m d")
+            for s in (k, v)
+        )
+        out = _compiled_flex_attention()(q, k, v, block_mask=ctx.cross_mask)  # (1, H, Npad, hd)
+        out = rearrange(out, "1 h n d -> n h d")[:n]
+    return out * ctx.token_has_text[:, :, None].to(out.dtype)  # (N, H, hd)
+
+
+def _qk_norm(cfg: DiTConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.q_norm, self.k_norm = _qk_norm(cfg), _qk_norm(cfg)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], ctx: AttentionContext) -> Tensor:
+        q, k, v = rearrange(
+            self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.num_heads
+        )  # (N, H, hd)
+        q = apply_rope(self.q_norm(q), *rope)  # (N, H, hd)
+        k = apply_rope(self.k_norm(k), *rope)  # (N, H, hd)
+        out = segment_attention(q, k, v, ctx)  # (N, H, hd)
+        return self.proj(rearrange(out, "n h d -> n (h d)"))  # (N, D)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.kv = nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        self.q_norm, self.k_norm = _qk_norm(cfg), _qk_norm(cfg)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def text_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
+        k, v = rearrange(
+            self.kv(text), "b l (two h d) -> two b l h d", two=2, h=self.num_heads
+        )  # (B, Lt, H, hd)
+        return self.k_norm(k), v
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], ctx: AttentionContext) -> Tensor:
+        q = self.q_norm(rearrange(self.q(x), "n (h d) -> n h d", h=self.num_heads))  # (N, H, hd)
+        out = text_attention(q, *kv, ctx)  # (N, H, hd)
+        return self.proj(rearrange(out, "n h d -> n (h d)"))  # (N, D)
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------------
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero self-attention, cross-attention to text, adaLN-Zero MLP."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=True, eps=1e-6)
+        self.cross_attn = CrossAttention(cfg)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(cfg)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor,
+        rope: tuple[Tensor, Tensor],
+        kv: tuple[Tensor, Tensor],
+        ctx: AttentionContext,
+    ) -> Tensor:
+        mod = self.adaLN_modulation(c)[
+            ctx.seg_ids
+        ]  # (N, 6D): each token gets its clip's modulation
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(
+            6, dim=-1
+        )  # (N, D) each
+        x = x + gate_msa * self.attn(
+            modulate(self.norm1(x), shift_msa, scale_msa), rope, ctx
+        )  # (N, D)
+        x = x + self.cross_attn(self.norm2(x), kv, ctx)  # (N, D)
+        x = x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))  # (N, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(cfg.hidden_size, 2 * cfg.hidden_size)
+        )
+        self.linear = nn.Linear(cfg.hidden_size, cfg.out_dim)
+
+    def forward(self, x: Tensor, c: Tensor, seg_ids: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c)[seg_ids].chunk(2, dim=-1)  # (N, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))  # (N, Dout)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Text-conditioned diffusion transformer over packed patch tokens (see module docstring)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.x_embedder = nn.Linear(config.in_dim, d)
+        self.t_embedder = TimestepEmbedder(config)
+        self.text_embedder = nn.Sequential(
+            nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
+        )
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config)
+        self.gradient_checkpointing = config.gradient_checkpointing
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears; N(0, 0.02) embedder MLPs; zero adaLN modulation, cross-attn output and final layer."""
+
+        def _basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(_basic)
+        for layer in (*self.t_embedder.mlp, *self.text_embedder):
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for module in (
+            *[b.adaLN_modulation[-1] for b in self.blocks],
+            *[b.cross_attn.proj for b in self.blocks],
+        ):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+        for module in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode_text(self, text: Tensor, text_mask: Tensor | None = None) -> TextCache:
+        """Project text states (B, Lt, text_dim) into every block's keys/values, once per prompt batch.
+
+        ``text_mask`` (B, Lt) bool marks real tokens (default: all); an all-False row means
+        "no text" and that clip gets zero cross-attention (the CFG null condition).
+        """
+        if text.ndim != 3 or text.shape[-1] != self.config.text_dim:
+            raise ValueError(
+                f"text must be (B, Lt, {self.config.text_dim}), got {tuple(text.shape)}"
+            )
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if text_mask.shape != text.shape[:2]:
+            raise ValueError(
+                f"text_mask {tuple(text_mask.shape)} must match text (B, Lt)={tuple(text.shape[:2])}"
+            )
+        text_mask = text_mask.bool()
+        h = self.text_embedder(text.to(self.x_embedder.weight.dtype))  # (B, Lt, D)
+        kv = [block.cross_attn.text_kv(h) for block in self.blocks]  # depth x 2 x (B, Lt, H, hd)
+        valid = [row.nonzero().squeeze(1) for row in text_mask]  # B x (Lb,)
+        return TextCache(kv=kv, mask=text_mask, valid_index=valid)
+
+    def forward(
+        self,
+        x: Tensor,
+        coords: Tensor,
+        cu_seqlens: Tensor,
+        t: Tensor,
+        text: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        *,
+        text_cache: TextCache | None = None,
+    ) -> Tensor:
+        """Predict the output tokens of B packed clips.
+
+        Args:
+            x: (N, in_dim) noisy patch tokens of B clips, concatenated.
+            coords: (N, 3) integer (t, h, w) patch coordinates of each token within its clip.
+            cu_seqlens: (B + 1,) token offsets; clip b is ``x[cu_seqlens[b]:cu_seqlens[b+1]]``.
+            t: (B,) flow time in [0, 1] per clip.
+            text: (B, Lt, text_dim) text encoder states, one row per clip.
+            text_mask: (B, Lt) bool, True for real text tokens.
+            text_cache: output of :meth:`encode_text`, instead of ``text`` / ``text_mask``.
+
+        Returns:
+            (N, out_dim) prediction per token.
+        """
+        cfg = self.config
+        if x.ndim != 2 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"x must be (N, in_dim={cfg.in_dim}), got {tuple(x.shape)}")
+        if coords.shape != (x.shape[0], 3):
+            raise ValueError(f"coords must be (N, 3)=({x.shape[0]}, 3), got {tuple(coords.shape)}")
+        if text_cache is None:
+            if text is None:
+                raise ValueError("pass text (B, Lt, text_dim) or a text_cache from encode_text")
+            text_cache = self.encode_text(text, text_mask)
+        num_clips = cu_seqlens.shape[0] - 1
+        if t.shape != (num_clips,) or text_cache.mask.shape[0] != num_clips:
+            raise ValueError(
+                f"cu_seqlens describes {num_clips} clips but t has shape {tuple(t.shape)} and text has "
+                f"{text_cache.mask.shape[0]} rows; pass one timestep and one text row per clip"
+            )
+        backend = resolve_backend(cfg.attention_backend, x.device)
+        ctx = build_attention_context(backend, cu_seqlens, x.shape[0], x.device, text_cache)
+        rope = rope_angles(coords, cfg.rope_dims, cfg.rope_theta)  # 2 x (N, hd/2)
+        h = self.x_embedder(x)  # (N, D)
+        c = self.t_embedder(t)  # (B, D)
+        for block, kv in zip(self.blocks, text_cache.kv, strict=True):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, rope, kv, ctx, use_reentrant=False)  # (N, D)
+            else:
+                h = block(h, c, rope, kv, ctx)  # (N, D)
+        return self.final_layer(h, c, ctx.seg_ids)  # (N, out_dim)
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (created if needed)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(
+            json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+        )
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(
+            state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model": "tessera-dit"}
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
+    ) -> DiT:
+        """Load a model saved by :meth:`save_pretrained`; ``overrides`` replace config keys
+        that do not change weights (e.g. ``attention_backend``)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = DiTConfig.from_dict(
+            {**json.loads((directory / CONFIG_NAME).read_text()), **overrides}
+        )
+        model = cls(config)
+        model.load_state_dict(
+            load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True
+        )
+        return model.to(map_location)
+
+
+# --------------------------------------------------------------------------------------------
+# size registry, parameter and FLOP counts
+# --------------------------------------------------------------------------------------------
+
+
+def _size(hidden_size: int, depth: int, num_heads: int) -> Callable[..., DiTConfig]:
+    def factory(**overrides: Any) -> DiTConfig:
+        return DiTConfig.from_dict(
+            {"hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, **overrides}
+        )
+
+    return factory
+
+
+# Widths/depths follow DiT-S/B/L/XL (head dim 64, 72 for xl); xs is the CPU demo size.
+DIT_SIZES: dict[str, Callable[..., DiTConfig]] = {
+    "tessera-xs": _size(256, 6, 4),
+    "tessera-s": _size(384, 12, 6),
+    "tessera-m": _size(768, 12, 12),
+    "tessera-l": _size(1024, 24, 16),
+    "tessera-xl": _size(1152, 28, 16),
+}
+
+
+def dit_config(name: str, **overrides: Any) -> DiTConfig:
+    """Config of a named size, e.g. ``dit_config("tessera-s", in_channels=8, text_dim=384)``."""
+    if name not in DIT_SIZES:
+        raise KeyError(f"unknown DiT size {name!r}; choose one of {sorted(DIT_SIZES)}")
+    return DIT_SIZES[name](**overrides)
+
+
+def count_params(config: DiTConfig) -> int:
+    """Exact parameter count of ``DiT(config)`` without building it."""
+    d, m, hd = config.hidden_size, config.mlp_hidden, config.head_dim
+    qk = 2 * hd if config.qk_norm else 0
+    block = (
+        (3 * d * d + 3 * d)
+        + qk
+        + (d * d + d)  # self-attention: qkv, norms, proj
+        + 2 * d  # norm2 (affine)
+        + (d * d + d)
+        + (2 * d * d + 2 * d)
+        + qk
+        + (d * d + d)  # cross-attention: q, kv, norms, proj
+        + (d * m + m)
+        + (m * d + d)  # MLP
+        + (6 * d * d + 6 * d)  # adaLN modulation
+    )
+    embed = (
+        (config.in_dim * d + d)  # patch tokens
+        + (config.frequency_embedding_size * d + d)
+        + (d * d + d)  # timestep MLP
+        + (config.text_dim * d + d)
+        + (d * d + d)  # text projection
+    )
+    final = (2 * d * d + 2 * d) + (d * config.out_dim + config.out_dim)
+    return config.depth * block + embed + final
+
+
+def forward_flops(
+    config: DiTConfig, seqlens: Sequence[int], text_len: int | Sequence[int] = 0
+) -> int:
+    """Matmul + attention FLOPs (2 per multiply-add) of one forward over clips of ``seqlens`` tokens.
+
+    ``text_len`` is the number of real text tokens per clip (one int for all, or one per clip).
+    Elementwise ops, norms and softmax are ignored (a few percent at these widths).
+    """
+    d, m = config.hidden_size, config.mlp_hidden
+    text_lens = [text_len] * len(seqlens) if isinstance(text_len, int) else list(text_len)
+    if len(text_lens) != len(seqlens):
+        raise ValueError(f"text_len has {len(text_lens)} entries for {len(seqlens)} clips")
+    per_token_layer = 2 * (
+        3 * d * d + d * d + d * d + d * d + 2 * d * m
+    )  # qkv, proj, cross q, cross proj, MLP
+    total = 0
+    for n, lt in zip(seqlens, text_lens, strict=True):
+        layer = n * per_token_layer
+        layer += 4 * n * n * d  # self-attention QK^T and AV
+        layer += 4 * n * lt * d  # cross-attention QK^T and AV
+        layer += 2 * lt * 2 * d * d  # text K/V projections
+        layer += 2 * 6 * d * d  # adaLN modulation (once per clip)
+        total += config.depth * layer
+        total += 2 * n * (config.in_dim * d + d * config.out_dim)  # patch embed + final linear
+        total += 2 * lt * (config.text_dim * d + d * d)  # text projection
+    return total
+
+
+def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0) -> float:
+    """Forward FLOPs per token for a clip of ``seq_len`` tokens (grows with seq_len through attention)."""
+    return forward_flops(config, [seq_len], text_len) / seq_len
+
+
+def train_flops(
+    config: DiTConfig, seqlens: Sequence[int], text_len: int | Sequence[int] = 0
+) -> int:
+    """Training FLOPs of one step over clips of ``seqlens`` tokens: forward + backward = 3x forward
+    (gradient checkpointing adds another forward of the blocks, not counted here)."""
+    return 3 * forward_flops(config, seqlens, text_len)

@@ -1,0 +1,283 @@
+import dataclasses
+
+import pytest
+import torch
+
+from model.dit import (
+    DIT_SIZES,
+    DiT,
+    DiTConfig,
+    apply_rope,
+    count_params,
+    dit_config,
+    flops_per_token,
+    forward_flops,
+    rope_angles,
+    train_flops,
+)
+from model.patches import pack_patches, patch_coords
+
+torch.set_num_threads(1)
+
+TEXT_DIM = 16
+# image, 16:9, 9:16 and a short video, as patch grids
+GRIDS = [(1, 4, 4), (1, 3, 5), (1, 5, 3), (3, 2, 3)]
+
+
+def tiny_config(**overrides) -> DiTConfig:
+    base = {"hidden_size": 32, "depth": 2, "num_heads": 2, "in_channels": 4, "text_dim": TEXT_DIM}
+    return DiTConfig(**{**base, **overrides})
+
+
+def randomized(model: DiT, seed: int = 0) -> DiT:
+    """Undo the zero init so every path contributes to the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_norm_scale = "norm" in name and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if is_norm_scale else 0.0))
+    return model.eval()
+
+
+def make_inputs(cfg: DiTConfig, grids=GRIDS, text_len: int = 6, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    coords = torch.cat([patch_coords(g) for g in grids])
+    lengths = torch.tensor([g[0] * g[1] * g[2] for g in grids])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    x = torch.randn(coords.shape[0], cfg.in_dim, generator=gen)
+    t = torch.rand(len(grids), generator=gen)
+    text = torch.randn(len(grids), text_len, TEXT_DIM, generator=gen)
+    mask = torch.ones(len(grids), text_len, dtype=torch.bool)
+    for b in range(len(grids)):
+        mask[b, text_len - b :] = False  # different real text lengths per clip
+    return x, coords, cu, t, text, mask
+
+
+def with_backend(model: DiT, backend: str) -> DiT:
+    model.config = dataclasses.replace(model.config, attention_backend=backend)
+    return model
+
+
+# ---- config, registry, counts --------------------------------------------------------------
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        tiny_config(num_heads=5)
+    with pytest.raises(ValueError, match="attention_backend='nope'"):
+        tiny_config(attention_backend="nope")
+    with pytest.raises(ValueError, match="rope_axes_dim"):
+        tiny_config(rope_axes_dim=(4, 4, 4))
+    with pytest.raises(ValueError, match=r"unknown DiTConfig key\(s\) \['hiden_size'\]"):
+        DiTConfig.from_dict({"hiden_size": 32})
+    with pytest.raises(ValueError, match="depth must be a positive int"):
+        tiny_config(depth=0)
+    with pytest.raises(KeyError, match="tessera-xs"):
+        dit_config("tessera-xxl")
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_count_params_matches_model(qk_norm):
+    cfg = tiny_config(qk_norm=qk_norm, out_channels=8, mlp_ratio=3.0)
+    assert count_params(cfg) == sum(p.numel() for p in DiT(cfg).parameters())
+
+
+def test_size_registry_and_flops():
+    sizes = [count_params(dit_config(name)) for name in DIT_SIZES]
+    assert list(DIT_SIZES) == ["tessera-xs", "tessera-s", "tessera-m", "tessera-l", "tessera-xl"]
+    assert sizes == sorted(sizes) and 5e6 < sizes[0] and sizes[-1] < 1.5e9
+    cfg = dit_config("tessera-s", in_channels=8, patch_size=(1, 2, 2))
+    assert cfg.in_dim == 32 and cfg.rope_dims == (24, 20, 20)
+    assert forward_flops(cfg, [256, 256], 20) == 2 * forward_flops(cfg, [256], 20)
+    assert forward_flops(cfg, [512], 20) > 2 * forward_flops(
+        cfg, [256], 20
+    )  # attention is quadratic
+    assert flops_per_token(cfg, 1024) > flops_per_token(cfg, 256)
+    # dense matmuls dominate short clips: 6 FLOPs per trained token per per-token weight
+    # (qkv 3D², proj D², cross q + out 2D², MLP 8D² = 14D² per block)
+    ratio = train_flops(cfg, [64]) / (6 * 64 * cfg.depth * 14 * cfg.hidden_size**2)
+    assert 1.0 < ratio < 1.1
+
+
+# ---- forward ------------------------------------------------------------------------------
+
+
+def test_output_is_zero_at_init_and_shapes():
+    cfg = tiny_config(out_channels=6)
+    model = DiT(cfg).eval()
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    out = model(x, coords, cu, t, text, mask)
+    assert out.shape == (x.shape[0], 6 * 4)
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize(
+    "grid", [(1, 4, 4), (1, 3, 5), (1, 5, 3), (2, 3, 3)], ids=["image", "16:9", "9:16", "video"]
+)
+def test_single_clip_shapes(grid):
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    x, coords, cu, t, text, mask = make_inputs(cfg, [grid])
+    out = model(x, coords, cu, t, text, mask)
+    assert out.shape == (grid[0] * grid[1] * grid[2], cfg.out_dim) and torch.isfinite(out).all()
+
+
+def test_packed_forward_equals_per_clip_forward():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    with torch.no_grad():
+        packed = model(x, coords, cu, t, text, mask)
+        for b in range(len(GRIDS)):
+            s, e = cu[b].item(), cu[b + 1].item()
+            alone = model(
+                x[s:e],
+                coords[s:e],
+                torch.tensor([0, e - s]),
+                t[b : b + 1],
+                text[b : b + 1],
+                mask[b : b + 1],
+            )
+            torch.testing.assert_close(packed[s:e], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_no_attention_leak_across_clips():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    s, e = cu[1].item(), cu[2].item()
+    x2, t2, text2 = x.clone(), t.clone(), text.clone()
+    x2[s:e] += torch.randn_like(x2[s:e])
+    t2[1] = 0.9
+    text2[1] += 1.0
+    with torch.no_grad():
+        a, b = model(x, coords, cu, t, text, mask), model(x2, coords, cu, t2, text2, mask)
+    others = torch.ones(x.shape[0], dtype=torch.bool)
+    others[s:e] = False
+    torch.testing.assert_close(a[others], b[others], atol=1e-6, rtol=0)
+    assert (a[s:e] - b[s:e]).abs().max() > 1e-3
+
+
+def test_masked_text_tokens_are_ignored():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    text2 = torch.where(mask[..., None], text, torch.randn_like(text) * 100)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(x, coords, cu, t, text, mask), model(x, coords, cu, t, text2, mask)
+        )
+    no_text = torch.zeros_like(mask)  # the CFG null condition: finite, and differs from conditional
+    with torch.no_grad():
+        cond, uncond = model(x, coords, cu, t, text, mask), model(x, coords, cu, t, text, no_text)
+    assert torch.isfinite(uncond).all() and (cond - uncond).abs().max() > 1e-3
+
+
+def test_sdpa_segments_equals_dense_mask():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    mask[2] = False  # one clip without text
+    with torch.no_grad():
+        seg = with_backend(model, "sdpa_segments")(x, coords, cu, t, text, mask)
+        dense = with_backend(model, "dense_mask")(x, coords, cu, t, text, mask)
+    torch.testing.assert_close(seg, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention backend needs CUDA")
+def test_flex_equals_sdpa_segments_on_cuda():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg)).cuda()
+    inputs = [v.cuda() for v in make_inputs(cfg)]
+    with torch.no_grad():
+        seg = with_backend(model, "sdpa_segments")(*inputs)
+        flex = with_backend(model, "flex")(*inputs)
+    torch.testing.assert_close(seg, flex, atol=1e-4, rtol=1e-4)
+
+
+def test_flex_backend_refuses_cpu():
+    cfg = tiny_config(attention_backend="flex")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        DiT(cfg)(*make_inputs(cfg))
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 12, 2, 16, generator=gen)
+    coords = patch_coords((2, 2, 3))
+    axes = (8, 4, 4)
+
+    def scores(c):
+        cos, sin = rope_angles(c, axes, 10000.0)
+        return torch.einsum("nhd,mhd->hnm", apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+
+    shifted = coords + torch.tensor([7, 40, 3])
+    torch.testing.assert_close(scores(coords), scores(shifted), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(scores(coords), scores(coords * 2), atol=1e-3)
+
+
+def test_unseen_grid_and_coordinate_shift_invariance():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    grid = (3, 13, 27)  # a grid no test trains on, odd sizes
+    x, coords, cu, t, text, mask = make_inputs(cfg, [grid])
+    with torch.no_grad():
+        out = model(x, coords, cu, t, text, mask)
+        moved = model(x, coords + torch.tensor([5, 100, 31]), cu, t, text, mask)
+    assert out.shape == (x.shape[0], cfg.out_dim) and torch.isfinite(out).all()
+    torch.testing.assert_close(out, moved, atol=1e-4, rtol=1e-4)  # RoPE is the only position signal
+
+
+def test_text_cache_equals_text():
+    cfg = tiny_config()
+    model = randomized(DiT(cfg))
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    with torch.no_grad():
+        cache = model.encode_text(text, mask)
+        torch.testing.assert_close(
+            model(x, coords, cu, t, text_cache=cache), model(x, coords, cu, t, text, mask)
+        )
+
+
+def test_wrong_segment_count_is_a_clear_error():
+    cfg = tiny_config()
+    model = DiT(cfg)
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    with pytest.raises(ValueError, match="one timestep and one text row per clip"):
+        model(x, coords, cu, t[:-1], text, mask)
+
+
+def test_gradient_checkpointing_matches_and_grads_reach_every_parameter():
+    cfg = tiny_config()
+    batch = pack_patches([torch.randn(4, 1, 4, 6), torch.randn(4, 2, 4, 4)], 100)[0]
+    t, text = torch.tensor([0.3, 0.7]), torch.randn(2, 5, TEXT_DIM)
+    grads = []
+    for ckpt in (False, True):
+        model = randomized(DiT(dataclasses.replace(cfg, gradient_checkpointing=ckpt))).train()
+        model(batch.tokens, batch.coords, batch.cu_seqlens, t, text).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(g.abs().sum() > 0 for g in grads[0].values()), [
+        n for n, g in grads[0].items() if g.abs().sum() == 0
+    ]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = tiny_config(patch_size=(1, 2, 2), rope_axes_dim=(4, 6, 6))
+    model = randomized(DiT(cfg))
+    model.save_pretrained(tmp_path / "dit")
+    assert (tmp_path / "dit" / "config.json").exists() and (
+        tmp_path / "dit" / "model.safetensors"
+    ).exists()
+    loaded = DiT.from_pretrained(tmp_path / "dit").eval()
+    assert loaded.config == cfg
+    inputs = make_inputs(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), loaded(*inputs), atol=0, rtol=0)
+    assert (
+        DiT.from_pretrained(
+            tmp_path / "dit", attention_backend="dense_mask"
+        ).config.attention_backend
+        == "dense_mask"
+    )
