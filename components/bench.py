@@ -131,7 +131,7 @@ def print_table(records: list[BenchRecord], out: Path | None = None) -> None:
         table.add_row(
             r.name, f"{r.value:.4g} {r.unit}", r.peer, f"{r.peer_value:.4g} {r.unit}", f"{r.ratio:.2f}x"
         )
-    console = Console()
+    console = Console(width=max(120, Console().width))
     console.print(table)
     if out:
         console.print(f"results: {out}")

@@ -28,7 +28,7 @@ def calibration(cfg: TesseraConfig) -> list[BenchRecord]:
             name="calibration.matmul_fp32",
             value=ours,
             unit="GFLOP/s",
-            peer="numpy.matmul (same BLAS-sized fp32 product)",
+            peer="numpy.matmul",
             peer_value=peer,
             extra={"n": cfg.bench.matmul_size},
         )

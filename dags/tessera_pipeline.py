@@ -1,0 +1,89 @@
+"""Tessera's main pipeline as an Airflow DAG: raw videos → manifest → validated → versioned.
+
+Orchestration only: every task calls one function of ``components.pipeline`` (imported inside
+the task body, so parsing this file stays cheap), and only URIs and small dicts travel in XCom.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, task
+
+DOC = """
+### Tessera pipeline
+Raw videos (a directory, glob or `s3://` prefix in **source**; empty renders the demo corpus)
+are probed into a manifest (`ingest`, corrupt files quarantined with a reason), checked by the
+Great Expectations suite (`validate`, Data Docs logged to MLflow) and versioned with DVC
+(`version`). Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a
+finished step is a no-op and a retry of a crashed one starts that step again cleanly.
+MLflow: experiment `tessera/tessera_pipeline`, one parent run per DAG run, one nested run per step.
+"""
+
+PARAMS = {
+    "profile": Param("demo", type="string", description="tiny | demo | small, or a YAML path"),
+    "overrides": Param([], type="array", description="config overrides, e.g. ingest.workers=4"),
+    "source": Param("", type="string", description="raw videos; empty = render the demo corpus"),
+    "captions": Param("", type="string", description="captions.parquet for `source` (optional)"),
+    "track": Param(True, type="boolean", description="log to MLflow"),
+}
+
+
+@dag(
+    dag_id="tessera_pipeline",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,  # DVC cannot run concurrently in one workspace
+    params=PARAMS,
+    doc_md=DOC,
+    tags=["tessera"],
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+)
+def tessera_pipeline():
+    @task
+    def start(params=None, run_id=None) -> dict:
+        from components import pipeline
+
+        return pipeline.start(dict(params), run_id)
+
+    @task
+    def corpus(run: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.corpus(dict(params), run)
+
+    @task
+    def ingest(run: dict, raw: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.ingest(dict(params), run, raw)
+
+    @task
+    def validate(run: dict, ingested: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.validate(dict(params), run, ingested)
+
+    @task
+    def version(run: dict, validated: dict, raw: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.version(dict(params), run, validated, raw)
+
+    @task(retries=0)
+    def finish(run: dict, ingested: dict, validated: dict, versioned: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.finish(
+            dict(params), run, ingest=ingested, validate=validated, version=versioned
+        )
+
+    run = start()
+    raw = corpus(run)
+    ingested = ingest(run, raw)
+    validated = validate(run, ingested)
+    versioned = version(run, validated, raw)
+    finish(run, ingested, validated, versioned)
+
+
+pipeline_dag = tessera_pipeline()
