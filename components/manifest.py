@@ -59,6 +59,7 @@ QUARANTINE_SCHEMA = pa.schema(
 REASONS = {
     "zero_bytes": "the file is empty",
     "unreadable": "the file cannot be read (permissions or I/O error)",
+    "missing": "the file was listed but does not exist (or vanished before it was read)",
     "not_media": "the file is not a video or image container",
     "corrupt": "the container is truncated or corrupt",
     "no_video_stream": "the container has no video stream (audio only?)",

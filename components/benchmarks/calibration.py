@@ -8,7 +8,6 @@ from components.config import TesseraConfig
 
 def matmul_gflops(cfg: TesseraConfig) -> tuple[float, float]:
     """(torch, numpy) fp32 GFLOP/s for an n×n @ n×n product, n = ``bench.matmul_size``."""
-    import numpy as np
     import torch
 
     n = cfg.bench.matmul_size

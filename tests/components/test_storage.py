@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_listing_is_recursive_sorted_and_versioned(root):
     infos = list(storage.list_objects(root))
     names = [i.uri.split("store/")[-1].split("prefix/")[-1] for i in infos]
     assert names == ["a.txt", "b/1.txt", "b/2.txt", "c/d/e.txt"]
-    assert all(i.size == len(n) and i.version for i, n in zip(infos, names))
+    assert all(i.size == len(n) and i.version for i, n in zip(infos, names, strict=True))
 
 
 def test_copy_between_uris(root, tmp_path):
@@ -58,7 +59,7 @@ def test_copy_between_uris(root, tmp_path):
     assert storage.read_bytes(dst) == b"\x00\x01" * 1000
     local = str(tmp_path / "local.bin")
     storage.copy(src, local)
-    assert open(local, "rb").read() == b"\x00\x01" * 1000
+    assert Path(local).read_bytes() == b"\x00\x01" * 1000
 
 
 def test_staged_output_commits_atomically(root):
