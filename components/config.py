@@ -86,6 +86,40 @@ class VersionConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and DeepSpeed settings shared by every trainer (VAE, DiT)."""
+
+    steps: int = 200
+    micro_batch: int = 2  # per process
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    zero_stage: int = 0  # 0-3; ZeRO >= 1 shards optimizer state across processes
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    ema_decay: float = 0.0  # 0 disables EMA weights
+    num_processes: int = 1  # DeepSpeed processes on this node (gloo on CPU, NCCL on GPU)
+    num_workers: int = 0  # DataLoader workers per process
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    cpu_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for name in ("steps", "micro_batch", "grad_accum", "num_processes", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment_prefix: str = "tessera"
 
@@ -132,6 +166,9 @@ class Environment:
     aws_region: str | None
     aws_profile: str | None
     has_aws_keys: bool  # the keys themselves stay in the environment for boto3, never copied
+    rank: int = 0  # set by torchrun / the deepspeed launcher in training processes
+    world_size: int = 1
+    local_rank: int = 0
 
     @classmethod
     def read(cls) -> Environment:
@@ -142,6 +179,9 @@ class Environment:
             aws_region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None,
             aws_profile=os.environ.get("AWS_PROFILE") or None,
             has_aws_keys=bool(os.environ.get("AWS_ACCESS_KEY_ID")),
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         )
 
 
