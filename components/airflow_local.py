@@ -69,10 +69,11 @@ def dags_test(profile: str, overrides: list[str], source: str, captions: str = "
     return {
         "run_id": summary["run_id"],
         "manifest": summary["validate"]["manifest"],
-        "data docs": summary["validate"]["data_docs"],
+        "data docs": storage.join(summary["validate"]["data_docs"], "index.html"),
+        "quarantine": summary["validate"]["quarantine"],
         "dataset rev": summary["version"]["dataset_rev"],
         "ingested": f"{summary['ingest']['ingested']} of {summary['ingest']['seen']} files "
-        f"({summary['ingest']['quarantined']} quarantined)",
+        f"({summary['ingest']['quarantined']} quarantined: {summary['ingest'].get('reasons', {})})",
     }
 
 

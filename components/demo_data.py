@@ -664,6 +664,20 @@ def _factor_row(spec: ClipSpec) -> dict:
     }
 
 
+def write_broken_files(clips: Path, specs: list[ClipSpec]) -> list[str]:
+    """Two files real corpora always contain, for ingest to quarantine: a clip cut off mid-way
+    (a failed upload) and a text file with a video name."""
+    first_video = next((s for s in specs if s.kind == "video"), None)
+    names = []
+    if first_video is not None:
+        data = (clips / first_video.path).read_bytes()
+        (clips / "broken_truncated.mp4").write_bytes(data[: len(data) // 2])
+        names.append("broken_truncated.mp4")
+    (clips / "broken_notes.mp4").write_text("shot list: 1) beach at dusk 2) city timelapse\n")
+    names.append("broken_notes.mp4")
+    return names
+
+
 def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
     """Write the demo corpus into ``workdir`` (see the module docstring for the layout).
 
@@ -698,6 +712,8 @@ def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
                            dd.real_clip_max_side, codec)
             bar.update()
 
+    broken = write_broken_files(clips, specs) if dd.broken_files else []
+
     pq.write_table(pa.Table.from_pylist(captions, schema=CAPTIONS_SCHEMA), workdir / CAPTIONS_FILE)
     pq.write_table(pa.Table.from_pylist(factors, schema=FACTORS_SCHEMA), workdir / FACTORS_FILE)
 
@@ -707,6 +723,7 @@ def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
         "num_real": len(real),
         "num_captioned": len(captions),
         "num_uncaptioned": len(specs) + len(real) - len(captions),
+        "num_broken": len(broken),
     }
     log.info("demo-data: %s (video codec %s) in %s", counts, codec, clips)
     return StepResult(

@@ -67,7 +67,8 @@ def test_tiny_profile_counts_and_step_result(tiny, corpus, factors, captions):
                             "factors": "factors.parquet"}
     assert result.artifacts == ["captions.parquet"]
     counts = {k: result.values[k] for k in
-              ("num_videos", "num_images", "num_real", "num_captioned", "num_uncaptioned")}
+              ("num_videos", "num_images", "num_real", "num_captioned", "num_uncaptioned",
+               "num_broken")}
     assert counts["num_videos"] == dd.num_clips == 6
     assert counts["num_images"] == dd.num_images == 2
     assert counts["num_real"] == 3
@@ -77,7 +78,8 @@ def test_tiny_profile_counts_and_step_result(tiny, corpus, factors, captions):
 
     names = sorted(p.name for p in (workdir / "clips").iterdir())
     assert names == sorted([*factors.path, "real_bigbuckbunny.mp4", "real_bikes.mp4",
-                            "real_carphone.mp4"])
+                            "real_carphone.mp4", "broken_notes.mp4", "broken_truncated.mp4"])
+    assert counts["num_broken"] == 2
     assert sum(n.startswith("synthetic_") and n.endswith(".mp4") for n in names) == 6
     assert {Path(n).suffix for n in names if n.startswith("image_")} == {".png", ".jpg"}
 
@@ -244,6 +246,9 @@ def test_same_seed_gives_identical_corpus(tiny, corpus, tmp_path):
     names = sorted(p.name for p in (first / "clips").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "clips").iterdir())
     for name in names:
+        if name.startswith("broken_"):  # not decodable on purpose; bytes compared below
+            assert (first / "clips" / name).read_bytes() == (tmp_path / "clips" / name).read_bytes()
+            continue
         np.testing.assert_array_equal(decode(first / "clips" / name),
                                       decode(tmp_path / "clips" / name), err_msg=name)
         # Nothing time-dependent is muxed: with one FFmpeg build the bytes match too.

@@ -32,6 +32,8 @@ def test_dag_run_succeeds_and_accounts_for_every_file(pipeline_run):
     ingest = full["ingest"]
     assert ingest["seen"] == ingest["ingested"] + ingest["quarantined"]
     assert ingest["ingested"] > 0
+    # the demo corpus carries a truncated upload and a text file named .mp4
+    assert ingest["reasons"].get("corrupt") == 1 and ingest["reasons"].get("not_media") == 1
     assert full["validate"]["success"] is True
     assert full["version"]["dataset_rev"] == summary["dataset rev"]
     assert storage.is_committed(ingest["step_uri"]) and storage.is_committed(full["validate"]["step_uri"])
