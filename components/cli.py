@@ -152,6 +152,58 @@ def dataset_checkout(
     typer.echo(f"dataset {rev} restored into {path}")
 
 
+# --------------------------------------------------------------------------- generation
+
+ModelDir = Annotated[
+    str, typer.Option("--model", help="Model directory (vae/ + dit/), e.g. the train_dit output.")
+]
+
+
+@app.command("generate")
+def generate_cmd(
+    model: ModelDir,
+    prompt: Annotated[list[str], typer.Option("--prompt", help="Text prompt (repeatable).")],
+    aspect: Annotated[
+        list[str] | None,
+        typer.Option(help="16:9, 9:16, 1:1, 21:9, 4:3, W:H, or image (one frame); repeatable."),
+    ] = None,
+    frames: Annotated[int, typer.Option(help="Frames per video (rounded up to 1 + 4k).")] = 17,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Text to video (or image): every prompt at every aspect ratio, written as mp4/png."""
+    from components import generate
+    from components.runner import run_step
+
+    cfg = _config(profile, overrides)
+    _emit(run_step("generate", generate.generate, cfg, _context(run_id, no_track), model=model,
+                   prompts=list(prompt), aspects=list(aspect or ["16:9"]), frames=frames))  # fmt: skip
+
+
+@app.command("edit")
+def edit_cmd(
+    model: ModelDir,
+    input: Annotated[str, typer.Option("--input", help="Video or image to edit (path or URI).")],
+    prompt: Annotated[str, typer.Option(help="What the result should show.")],
+    strength: Annotated[
+        float, typer.Option(help="0 keeps the input, 1 ignores it (SDEdit noise level).")
+    ] = 0.6,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Text-guided editing of an image or video (SDEdit)."""
+    from components import generate
+    from components.runner import run_step
+
+    cfg = _config(profile, overrides)
+    _emit(run_step("edit", generate.edit, cfg, _context(run_id, no_track), model=model,
+                   input=input, prompt=prompt, strength=strength))  # fmt: skip
+
+
 # --------------------------------------------------------------------------- pipeline
 
 

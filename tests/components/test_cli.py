@@ -13,7 +13,8 @@ runner = CliRunner()
 
 COMMANDS = [
     [], ["config"], ["demo-data"], ["ingest"], ["validate"], ["version"], ["dataset"],
-    ["dataset", "checkout"], ["run"], ["demo"], ["mlflow-server"], ["bench"],
+    ["dataset", "checkout"], ["run"], ["demo"], ["mlflow-server"], ["bench"], ["generate"],
+    ["edit"],
 ]  # fmt: skip
 
 
