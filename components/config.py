@@ -135,10 +135,14 @@ class TrainVAEConfig:
     kl_weight: float = 1e-6
     disc_weight: float = 0.0  # 0 disables the 3D patch discriminator
     disc_start: int = 500  # optimizer steps before the discriminator joins
+    disc_channels: int = 32  # width of the 3D patch discriminator's first layer
     lpips_weights: str = ""  # path to LPIPS weights; "" disables the term (nothing is downloaded)
+    lpips_weight: float = 0.1  # weight of the LPIPS term (only with lpips_weights)
     holdout: tuple[str, ...] = ("real_carphone", "real_bikes")  # never trained on; reported
     val_clips: int = 4
     eval_every: int = 100
+    stats_samples: int = 32  # training crops encoded for the latent scale/shift
+    cache_mb: int = 256  # decoded-frame cache per data-loading process (0 disables)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=200, micro_batch=2, lr=3e-4, warmup_steps=20)
     )
@@ -151,6 +155,9 @@ class EncodeConfig:
     max_pixels: int = 256 * 256  # downscale above this many pixels per frame, keeping aspect
     max_frames: int = 65  # longer clips are cut (1 + 4k frames)
     shard_size: int = 32  # clips per safetensors shard (the unit Airflow maps over)
+    chunk_latent_frames: int = 4  # causal temporal chunks of the VAE encoder (0 = whole clip)
+    tile_size: int = 256  # spatial tiles above this side, in pixels (0 = never tile)
+    tile_overlap: int = 64  # pixels shared by neighbouring tiles
 
 
 @dataclass(frozen=True)
@@ -171,9 +178,22 @@ class TrainDiTConfig:
     drop_rate: float = 0.0  # NaViT random token dropping
     prediction: Literal["x0", "velocity"] = "x0"
     text_dropout: float = 0.1  # for classifier-free guidance
-    val_clips: int = 4
+    logit_mean: float = 0.0  # logit-normal timestep distribution (SD3)
+    logit_std: float = 1.0
+    shift_mode: Literal["none", "fixed", "resolution"] = "resolution"
+    shift: float = 1.0  # the shift of a shift_base_tokens-token clip (resolution mode)
+    shift_base_tokens: int = 256
+    shift_max: float = 6.0
+    attention_backend: Literal["auto", "sdpa_segments", "dense_mask", "flex"] = "auto"
+    gradient_checkpointing: bool = False
+    val_clips: int = 4  # held-out clips for the validation loss (from the val split if any)
     eval_every: int = 100
-    sample_every: int = 200
+    sample_every: int = 200  # needs the train_vae output; samples also at the end
+    sample_frames: int = 9
+    sample_pixels: int = 64 * 64  # height * width of the samples at every aspect ratio
+    sample_steps: int = 20
+    # train.micro_batch is packs per process per micro-step: a step sees
+    # micro_batch * grad_accum * num_processes packs of up to token_budget tokens.
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=300, micro_batch=1, lr=3e-4, warmup_steps=30)
     )
@@ -186,6 +206,7 @@ class GenerateConfig:
     steps: int = 30
     guidance: float = 4.0
     sampler: Literal["euler", "heun"] = "euler"
+    sample_frames: int = 17  # frames of the pipeline's sample videos
     seed: int = 0
     max_frames: int = 65
     max_pixels: int = 256 * 256
@@ -335,11 +356,38 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if unknown:
         bad = ", ".join(_join(path, k) for k in unknown)
         raise ConfigError(f"unknown key {bad}; allowed keys at {where}: {sorted(fields)}")
-    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        default = _nested_default(fields[name])
+        if default is not None and isinstance(value, dict):
+            # a partial section overrides the field's own default (which may differ from the
+            # nested class's defaults, e.g. train_dit.train vs TrainConfig), not replaces it
+            value = _deep_merge(to_dict(default), value)
+        kwargs[name] = _coerce(hints[name], value, _join(path, name))
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _nested_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    else:
+        return None
+    return value if dataclasses.is_dataclass(value) else None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _join(path: str, key: str) -> str:
@@ -378,6 +426,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return {k: _coerce(args[1], v, _join(path, k)) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)

@@ -57,6 +57,14 @@ def step_uri(cfg: TesseraConfig, run_id: str, step: str) -> str:
     return storage.join(cfg.store_uri(), "runs", run_id, step)
 
 
+def checkpoint_dir(ctx: RunContext, step: str) -> Path:
+    """Local home of a training step's checkpoints: outside the staging directory and keyed by
+    run id and step, so a retried task finds them and resumes."""
+    from components.config import Environment
+
+    return Environment.read().home / "checkpoints" / ctx.run_id / step
+
+
 def latest_outputs(cfg: TesseraConfig, step: str) -> dict[str, Any] | None:
     """Outputs of the most recent committed run of ``step`` in this store, or None."""
     uri = storage.join(cfg.store_uri(), "latest", f"{step}.json")
@@ -88,7 +96,9 @@ def run_step(
         else:
             result = fn(cfg, workdir, **inputs)
             mlflow_run_id = None
-        outputs: dict[str, Any] = {name: storage.join(out, rel) for name, rel in result.files.items()}
+        outputs: dict[str, Any] = {
+            name: storage.join(out, rel) if rel else out for name, rel in result.files.items()
+        }
         outputs.update(result.values)
         outputs["step_uri"] = out
         outputs["mlflow_run_id"] = mlflow_run_id

@@ -244,6 +244,7 @@ class Trainer:
             self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.state = TrainState()
         self._last_log = time.perf_counter()
+        self._grad_norm: float | None = None
 
     @property
     def device(self) -> torch.device:
@@ -259,6 +260,8 @@ class Trainer:
         """Backward + (at accumulation boundaries) optimizer step; True when a step happened."""
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self._grad_norm = self._reduced_grad_norm()
         self.engine.step()
         if boundary:
             self.state.step += 1
@@ -281,8 +284,20 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def grad_norm(self) -> float | None:
+        """Gradient norm of the last step, before clipping."""
         norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if norm is None else norm
         return float(norm) if norm is not None else None
+
+    @torch.no_grad()
+    def _reduced_grad_norm(self) -> float | None:
+        # DeepSpeed's plain fp32 path (no ZeRO, no bf16) clips without keeping the norm; its
+        # gradients are already all-reduced at the boundary, so the norm is the same on all ranks.
+        if self.train.zero_stage > 0 or precision(self.train) != "fp32":
+            return None
+        params = self.model.parameters()
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else None
 
     # ---------------------------------------------------------------- logging
 

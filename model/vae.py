@@ -546,6 +546,9 @@ def compute_latent_stats(vae: CausalVAE, batches: Iterable[torch.Tensor]) -> tup
 # --------------------------------------------------------------------------- registry
 
 VAE_SIZES: dict[str, VAEConfig] = {
+    # Test size: seconds per step on one CPU core; for pipeline tests, not for quality.
+    "vae-tiny": VAEConfig(base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1,
+                          latent_channels=4),
     # CPU demo size; trains in minutes on small clips.
     "vae-xs": VAEConfig(base_channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
                         latent_channels=4),

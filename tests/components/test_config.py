@@ -103,3 +103,20 @@ def test_environment_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "h"))
     assert Environment.read().home == tmp_path / "h"
     assert load_config("tiny").store_uri() == str(tmp_path / "h" / "store")
+
+
+def test_partial_nested_section_keeps_the_sections_own_defaults():
+    base = load_config("tiny")
+    cfg = load_config("tiny", ["train_dit.train.steps=3"])
+    assert cfg.train_dit.train.steps == 3
+    # everything else in train_dit.train is the profile's / TrainDiTConfig's, not TrainConfig()'s
+    assert cfg.train_dit.train.lr == base.train_dit.train.lr
+    assert cfg.train_dit.train.micro_batch == base.train_dit.train.micro_batch
+    assert TesseraConfig().train_dit.train.warmup_steps == 30  # TrainConfig() alone says 20
+    assert load_config("demo", ["train_dit.train.steps=3"]).train_dit.train.warmup_steps == (
+        load_config("demo").train_dit.train.warmup_steps
+    )
+
+
+def test_exponent_without_dot_is_a_number():
+    assert load_config("tiny", ["train_dit.train.lr=3e-4"]).train_dit.train.lr == 3e-4

@@ -79,7 +79,7 @@ def test_config_from_dict_rejects_unknown_keys():
 
 
 def test_registry_configs_build():
-    assert set(VAE_SIZES) == {"vae-xs", "vae-s", "vae-m"}
+    assert set(VAE_SIZES) == {"vae-tiny", "vae-xs", "vae-s", "vae-m"}
     xs = build_vae("vae-xs", latent_channels=8)
     assert xs.config.latent_channels == 8 and count_parameters(xs) == xs.num_parameters() > 0
     with pytest.raises(ValueError, match="choose one of"):

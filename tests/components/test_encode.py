@@ -1,0 +1,162 @@
+"""Encode step on the tiny validated corpus: native-aspect latents, images as one latent frame,
+text for captioned clips, per-shard idempotent steps, and the index the DiT trainer reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components import encode, frames, validate
+from components import manifest as mf
+from components.config import load_config
+from components.runner import RunContext, run_step
+from model.vae import build_vae
+from tests.components.vae_corpus import make_corpus
+
+torch.set_num_threads(1)
+
+SHIFT, SCALE = 0.25, 3.0
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """The validated tiny manifest and an (untrained) VAE with known latent statistics."""
+    root = tmp_path_factory.mktemp("encode")
+    manifest = make_corpus(root)
+    checked = root / "validate"
+    checked.mkdir()
+    validate.run(load_config("tiny"), checked, manifest,
+                 str(Path(manifest).with_name("quarantine.parquet")))  # fmt: skip
+    torch.manual_seed(0)
+    vae = build_vae("vae-tiny")
+    vae.set_latent_stats(SHIFT, SCALE)
+    vae.save_pretrained(root / "vae")
+    return {"manifest": str(checked / "manifest.parquet"), "vae": str(root / "vae")}
+
+
+@pytest.fixture(scope="module")
+def encoded(corpus, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("latents")
+    result = encode.run(load_config("tiny"), out, corpus["manifest"], corpus["vae"])
+    index = encode.read_index(str(out / result.files["latents"]))
+    return {"dir": out / result.files["latents"], "index": index, "result": result}
+
+
+def _tensors(latents: Path, shard: str) -> dict[str, torch.Tensor]:
+    return load_file(str(latents / shard))
+
+
+def _row(index, name: str):
+    return index[index["uri"].str.contains(name)].iloc[0]
+
+
+def test_every_validated_clip_has_a_row_and_a_latent_of_its_shape(corpus, encoded):
+    index, latents = encoded["index"], encoded["dir"]
+    validated = mf.read_table(corpus["manifest"]).column("clip_id").to_pylist()
+    assert sorted(index["clip_id"]) == sorted(validated)
+    assert list(index.columns[:15]) == [
+        "clip_id", "shard", "split", "kind", "caption", "short_caption", "caption_source",
+        "width", "height", "num_frames", "latent_c", "latent_t", "latent_h", "latent_w", "uri",
+    ]  # fmt: skip
+    assert index["shard"].nunique() == -(-len(index) // 4)  # tiny: 4 clips a shard
+    for shard, rows in index.groupby("shard"):
+        tensors = _tensors(latents, shard)
+        for row in rows.itertuples():
+            z = tensors[f"{row.clip_id}/latent"]
+            assert z.dtype == torch.float32
+            assert z.shape == (row.latent_c, row.latent_t, row.latent_h, row.latent_w)
+            assert (row.height, row.width) == (8 * row.latent_h, 8 * row.latent_w)
+            assert row.num_frames == 1 + 4 * (row.latent_t - 1) <= 9
+            assert row.width * row.height <= 4096  # tiny: encode.max_pixels
+
+
+def test_aspect_ratio_is_kept_and_images_are_one_latent_frame(encoded):
+    index = encoded["index"]
+    wide, tall = _row(index, "synthetic_0004"), _row(index, "synthetic_0005")  # 64x36, 36x64
+    assert (wide.source_width, wide.source_height) == (64, 36)
+    assert (wide.latent_h, wide.latent_w) == (tall.latent_w, tall.latent_h)
+    assert abs(wide.latent_w - wide.latent_h * 16 / 9) <= 1  # 16:9 within a latent pixel
+    carphone = _row(index, "real_carphone")  # 96x78: downscaled to <= 4096 pixels, aspect kept
+    assert carphone.width < 96 and abs(carphone.width / carphone.height - 96 / 78) < 0.2
+    images = index[index["kind"] == "image"]
+    assert len(images) == 2 and (images["latent_t"] == 1).all() and (images["num_frames"] == 1).all()
+    assert (index[index["kind"] == "video"]["latent_t"] > 1).all()
+
+
+def test_latents_are_the_normalised_posterior_mode(corpus, encoded):
+    from components.train_vae import load_vae
+
+    cfg = load_config("tiny")
+    encoder = encode.ClipEncoder(cfg, load_vae(corpus["vae"]))
+    row = _row(encoded["index"], "synthetic_0000")
+    clip = next(c for c in frames.read_clips(corpus["manifest"]) if c.clip_id == row.clip_id)
+    video = encoder.pixels(clip)
+    with torch.no_grad():
+        posterior, _ = encoder.vae.encode_video(video[None])
+    stored = _tensors(encoded["dir"], row.shard)[f"{row.clip_id}/latent"]
+    torch.testing.assert_close(stored, (posterior.mode()[0] - SHIFT) * SCALE, atol=1e-4, rtol=1e-4)
+
+
+def test_captioned_clips_carry_text_embeddings(encoded):
+    index, latents = encoded["index"], encoded["dir"]
+    captioned = index["caption"].notna() & (index["caption"] != "")
+    assert captioned.any() and (~captioned).any()
+    assert (index["has_text"] == captioned).all()
+    for row in index.itertuples():
+        tensors = _tensors(latents, row.shard)
+        if row.has_text:
+            text, mask = tensors[f"{row.clip_id}/text"], tensors[f"{row.clip_id}/text_mask"]
+            assert text.dtype == torch.float32 and text.shape == (32, 384)  # minilm, tiny L
+            assert mask.dtype == torch.uint8 and mask.shape == (32,) and mask.sum() >= 3
+            assert (text * (1 - mask[:, None].float())).abs().sum() == 0  # pads zeroed
+        else:
+            assert f"{row.clip_id}/text" not in tensors
+
+
+def test_shards_are_committed_steps_and_merge_like_run(corpus, encoded, tessera_home, monkeypatch):
+    cfg = load_config("tiny")
+    ctx = RunContext("encode-test", "test", track=False)
+    shards = encode.plan_shards(cfg, corpus["manifest"])
+    assert [s["index"] for s in shards] == list(range(len(shards))) and len(shards) == 3
+    outputs = [run_step(encode.shard_step(s), encode.encode_shard, cfg, ctx,
+                        manifest=corpus["manifest"], vae=corpus["vae"], shard=s)
+               for s in shards]  # fmt: skip
+    assert outputs[2]["step_uri"].endswith("/encode-shard-00002")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a committed shard was encoded again")
+
+    monkeypatch.setattr(encode, "encode_shard", boom)
+    again = [run_step(encode.shard_step(s), encode.encode_shard, cfg, ctx,
+                      manifest=corpus["manifest"], vae=corpus["vae"], shard=s)
+             for s in shards]  # fmt: skip
+    assert again == outputs
+
+    merged = run_step("encode", encode.merge, cfg, ctx, shards=outputs)
+    index = encode.read_index(merged["latents"])
+    reference = encoded["index"]
+    assert list(index["clip_id"]) == list(reference["clip_id"])
+    assert list(index["shard"]) == list(reference["shard"])
+    for row in index.itertuples():
+        mine = _tensors(Path(merged["latents"]), row.shard)[f"{row.clip_id}/latent"]
+        ref = _tensors(encoded["dir"], row.shard)[f"{row.clip_id}/latent"]
+        torch.testing.assert_close(mine, ref)
+
+
+def test_the_dit_trainer_reads_the_output(encoded):
+    train_dit = pytest.importorskip("components.train_dit")
+    index = train_dit.read_index(str(encoded["dir"]))
+    data = train_dit.load_latents(str(encoded["dir"]), index)
+    assert len(data.latents) == len(index) and data.text_dim == 384
+
+
+def test_geometry_keeps_aspect_and_never_upscales():
+    assert frames.fit_size(64, 36, 4096, 8) == ((64, 36), (64, 32))  # native, rows cropped
+    assert frames.fit_size(1280, 720, 256 * 256, 8) == ((341, 192), (336, 192))
+    assert frames.fit_size(720, 1280, 256 * 256, 8) == ((192, 341), (192, 336))
+    assert frames.fit_size(6, 40, 4096, 8) == ((6, 40), (6, 40))  # a side below the factor: kept
+    assert [frames.usable_frames(n, 9, 4) for n in (1, 4, 5, 8, 9, 30)] == [1, 1, 5, 5, 9, 9]
+    assert frames.usable_frames(30, 0, 4) == 29  # 0: no limit
