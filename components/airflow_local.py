@@ -72,6 +72,10 @@ def dags_test(profile: str, overrides: list[str], source: str, captions: str = "
         "data docs": storage.join(summary["validate"]["data_docs"], "index.html"),
         "quarantine": summary["validate"]["quarantine"],
         "dataset rev": summary["version"]["dataset_rev"],
+        "vae": f"{summary['train_vae']['vae']} (held-out real footage PSNR "
+        f"{summary['train_vae'].get('holdout_psnr')} dB)",
+        "model": summary["train_dit"].get("model", summary["train_dit"]["dit"]),
+        "samples": summary["samples"]["samples"],
         "ingested": f"{summary['ingest']['ingested']} of {summary['ingest']['seen']} files "
         f"({summary['ingest']['quarantined']} quarantined: {summary['ingest'].get('reasons', {})})",
     }

@@ -150,8 +150,12 @@ class ClipEncoder:
         return self._text
 
     def pixels(self, clip: Clip) -> torch.Tensor:
-        """The clip at its encode size -> (3, T, H, W) in [-1, 1]."""
-        return fr.encode_pixels(clip, self.cfg.encode, self.vae.spatial_factor,
+        """The clip at its encode size -> (3, T, H, W) in [-1, 1].
+
+        Sides are cropped to multiples of the VAE stride times the DiT's spatial patch, so every
+        latent cuts into whole spacetime patches."""
+        patch = max(self.cfg.train_dit.patch_size[1:])
+        return fr.encode_pixels(clip, self.cfg.encode, self.vae.spatial_factor * patch,
                                 self.vae.temporal_factor)
 
     @torch.inference_mode()

@@ -80,6 +80,74 @@ def version(
     )
 
 
+def train_vae(params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any]) -> dict[str, Any]:
+    from components import train_vae as step
+
+    cfg, ctx = resolve(params, run)
+    return runner.run_step(
+        "train_vae", step.run, cfg, ctx,
+        manifest=validated["manifest"], checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae"),
+    )  # fmt: skip
+
+
+def plan_encode(params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any]) -> list[dict]:
+    """The shards the encode step maps over (clip ids only: XCom-sized)."""
+    from components import encode
+
+    cfg, _ = resolve(params, run)
+    return encode.plan_shards(cfg, validated["manifest"])
+
+
+def encode_shard(
+    params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any], vae: dict[str, Any],
+    shard: dict[str, Any],
+) -> dict[str, Any]:
+    from components import encode
+
+    cfg, ctx = resolve(params, run)
+    return runner.run_step(
+        encode.shard_step(shard), encode.encode_shard, cfg, ctx,
+        manifest=validated["manifest"], vae=vae["vae"], shard=shard,
+    )  # fmt: skip
+
+
+def merge_latents(params: dict[str, Any], run: dict[str, Any], shards: list[dict]) -> dict[str, Any]:
+    from components import encode
+
+    cfg, ctx = resolve(params, run)
+    return runner.run_step("encode", encode.merge, cfg, ctx, shards=list(shards))
+
+
+def train_dit(
+    params: dict[str, Any], run: dict[str, Any], latents: dict[str, Any], vae: dict[str, Any]
+) -> dict[str, Any]:
+    from components import train_dit as step
+
+    cfg, ctx = resolve(params, run)
+    return runner.run_step(
+        "train_dit", step.run, cfg, ctx, latents=latents["latents"], vae=vae["vae"],
+        checkpoint_dir=runner.checkpoint_dir(ctx, "train_dit"),
+    )  # fmt: skip
+
+
+SAMPLE_PROMPTS = (
+    "a red circle bouncing on a blue background",
+    "a yellow square sliding left over a green gradient",
+)
+SAMPLE_ASPECTS = ("16:9", "9:16", "1:1", "image")
+
+
+def samples(params: dict[str, Any], run: dict[str, Any], dit: dict[str, Any]) -> dict[str, Any]:
+    """Sample videos at 16:9, 9:16 and 1:1 plus one still image from the trained model."""
+    from components import generate
+
+    cfg, ctx = resolve(params, run)
+    return runner.run_step(
+        "samples", generate.generate, cfg, ctx, model=dit["model"],
+        prompts=list(SAMPLE_PROMPTS), aspects=list(SAMPLE_ASPECTS), frames=cfg.generate.sample_frames,
+    )  # fmt: skip
+
+
 def finish(params: dict[str, Any], run: dict[str, Any], **steps: dict[str, Any]) -> dict[str, Any]:
     """Close the parent run and write ``{store}/latest/pipeline.json``, a summary of every step."""
     cfg, ctx = resolve(params, run)

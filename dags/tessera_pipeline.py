@@ -15,7 +15,10 @@ DOC = """
 Raw videos (a directory, glob or `s3://` prefix in **source**; empty renders the demo corpus)
 are probed into a manifest (`ingest`, corrupt files quarantined with a reason), checked by the
 Great Expectations suite (`validate`, Data Docs logged to MLflow) and versioned with DVC
-(`version`). Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a
+(`version`). The video VAE is trained (`train_vae`, DeepSpeed), every clip is encoded at native
+size into latent shards (`encode_shard`, mapped over shards, then `merge_latents`), the diffusion
+transformer is trained on packed spacetime patches (`train_dit`, DeepSpeed, resumes from its
+checkpoints on retry) and `samples` renders videos at 16:9, 9:16, 1:1 and a still image. Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a
 finished step is a no-op and a retry of a crashed one starts that step again cleanly.
 MLflow: experiment `tessera/tessera_pipeline`, one parent run per DAG run, one nested run per step.
 """
@@ -70,20 +73,67 @@ def tessera_pipeline():
 
         return pipeline.version(dict(params), run, validated, raw)
 
+    @task
+    def train_vae(run: dict, validated: dict, versioned: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.train_vae(dict(params), run, validated)
+
+    @task
+    def plan_encode(run: dict, validated: dict, params=None) -> list:
+        from components import pipeline
+
+        return pipeline.plan_encode(dict(params), run, validated)
+
+    @task(max_active_tis_per_dagrun=2)
+    def encode_shard(run: dict, validated: dict, vae: dict, shard: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.encode_shard(dict(params), run, validated, vae, shard)
+
+    @task
+    def merge_latents(run: dict, shards: list, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.merge_latents(dict(params), run, list(shards))
+
+    @task
+    def train_dit(run: dict, latents: dict, vae: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.train_dit(dict(params), run, latents, vae)
+
+    @task
+    def samples(run: dict, dit: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.samples(dict(params), run, dit)
+
     @task(retries=0)
-    def finish(run: dict, ingested: dict, validated: dict, versioned: dict, params=None) -> dict:
+    def finish(
+        run: dict, ingested: dict, validated: dict, versioned: dict, vae: dict, latents: dict,
+        dit: dict, sampled: dict, params=None,
+    ) -> dict:
         from components import pipeline
 
         return pipeline.finish(
-            dict(params), run, ingest=ingested, validate=validated, version=versioned
-        )
+            dict(params), run, ingest=ingested, validate=validated, version=versioned,
+            train_vae=vae, encode=latents, train_dit=dit, samples=sampled,
+        )  # fmt: skip
 
     run = start()
     raw = corpus(run)
     ingested = ingest(run, raw)
     validated = validate(run, ingested)
     versioned = version(run, validated, raw)
-    finish(run, ingested, validated, versioned)
+    vae = train_vae(run, validated, versioned)
+    shards = encode_shard.partial(run=run, validated=validated, vae=vae).expand(
+        shard=plan_encode(run, validated)
+    )
+    latents = merge_latents(run, shards)
+    dit = train_dit(run, latents, vae)
+    sampled = samples(run, dit)
+    finish(run, ingested, validated, versioned, vae, latents, dit, sampled)
 
 
 pipeline_dag = tessera_pipeline()

@@ -69,6 +69,7 @@ def test_every_validated_clip_has_a_row_and_a_latent_of_its_shape(corpus, encode
             assert z.dtype == torch.float32
             assert z.shape == (row.latent_c, row.latent_t, row.latent_h, row.latent_w)
             assert (row.height, row.width) == (8 * row.latent_h, 8 * row.latent_w)
+            assert row.latent_h % 2 == 0 and row.latent_w % 2 == 0  # whole 1x2x2 patches
             assert row.num_frames == 1 + 4 * (row.latent_t - 1) <= 9
             assert row.width * row.height <= 4096  # tiny: encode.max_pixels
 

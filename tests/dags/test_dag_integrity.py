@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -24,6 +25,7 @@ print(json.dumps({
     "tasks": sorted(dag.task_dict) if dag else [],
     "edges": sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids) if dag else [],
     "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
+    "mapped": sorted(t.task_id for t in dag.tasks if "Mapped" in type(t).__name__),
     "doc_md": bool(dag and dag.doc_md),
     "params": sorted(dag.params) if dag else [],
     "heavy": heavy,
@@ -54,11 +56,17 @@ def test_no_import_errors(dagbag):
 
 
 def test_pipeline_shape(dagbag):
-    assert dagbag["tasks"] == ["corpus", "finish", "ingest", "start", "validate", "version"]
+    assert dagbag["tasks"] == sorted([
+        "start", "corpus", "ingest", "validate", "version", "train_vae", "plan_encode",
+        "encode_shard", "merge_latents", "train_dit", "samples", "finish",
+    ])  # fmt: skip
     edges = {tuple(e) for e in dagbag["edges"]}
-    for edge in [("corpus", "ingest"), ("ingest", "validate"), ("validate", "version"),
-                 ("version", "finish"), ("start", "corpus")]:  # fmt: skip
-        assert edge in edges
+    chain = ["start", "corpus", "ingest", "validate", "version", "train_vae", "encode_shard",
+             "merge_latents", "train_dit", "samples", "finish"]  # fmt: skip
+    for edge in itertools.pairwise(chain):
+        assert edge in edges, edge
+    assert ("plan_encode", "encode_shard") in edges
+    assert dagbag["mapped"] == ["encode_shard"]
 
 
 def test_default_args_are_applied(dagbag):

@@ -39,6 +39,26 @@ def test_dag_run_succeeds_and_accounts_for_every_file(pipeline_run):
     assert storage.is_committed(ingest["step_uri"]) and storage.is_committed(full["validate"]["step_uri"])
 
 
+def test_dag_trains_and_samples(pipeline_run):
+    """train_vae → encode (mapped over shards) → train_dit → samples, all through the DAG."""
+    _, _, full = pipeline_run
+    vae, latents, dit, samples = (full[k] for k in ("train_vae", "encode", "train_dit", "samples"))
+    assert storage.exists(storage.join(vae["vae"], "model.safetensors"))
+    assert latents["shards"] >= 2  # the tiny corpus spans several mapped shard tasks
+    assert latents["clips"] == full["validate"]["rows_passed"]
+    assert dit["steps"] == load_config("tiny").train_dit.train.steps
+    assert storage.exists(storage.join(dit["model"], "vae", "config.json"))
+    entries = json.loads(storage.read_text(samples["samples_json"]))
+    assert {e["aspect"] for e in entries} == {"16:9", "9:16", "1:1", "image"}
+    for entry in entries:
+        frames, height, width = entry["size"]
+        assert (frames == 1) == (entry["aspect"] == "image")
+        assert storage.exists(storage.join(samples["step_uri"], entry["path"]))
+    wide = next(e for e in entries if e["aspect"] == "16:9")["size"]
+    tall = next(e for e in entries if e["aspect"] == "9:16")["size"]
+    assert wide[2] > wide[1] and tall[1] > tall[2]
+
+
 def test_mlflow_has_parent_and_nested_step_runs(pipeline_run, mlflow_server, monkeypatch):
     import mlflow
 
@@ -52,7 +72,8 @@ def test_mlflow_has_parent_and_nested_step_runs(pipeline_run, mlflow_server, mon
         output_format="list",
     )
     steps = {r.data.tags["tessera.step"]: r for r in runs}
-    assert {"pipeline", "demo_data", "ingest", "validate", "version"} <= set(steps)
+    assert {"pipeline", "demo_data", "ingest", "validate", "version", "train_vae", "encode",
+            "train_dit", "samples"} <= set(steps)
     parent = steps["pipeline"].info.run_id
     assert all(steps[s].data.tags.get("mlflow.parentRunId") == parent for s in ("ingest", "validate"))
     assert steps["pipeline"].info.status == "FINISHED"
