@@ -84,8 +84,10 @@ def test_count_params_matches_model(qk_norm):
 
 def test_size_registry_and_flops():
     sizes = [count_params(dit_config(name)) for name in DIT_SIZES]
-    assert list(DIT_SIZES) == ["tessera-xs", "tessera-s", "tessera-m", "tessera-l", "tessera-xl"]
-    assert sizes == sorted(sizes) and 5e6 < sizes[0] and sizes[-1] < 1.5e9
+    assert list(DIT_SIZES) == [
+        "tessera-tiny", "tessera-xs", "tessera-s", "tessera-m", "tessera-l", "tessera-xl"
+    ]  # fmt: skip
+    assert sizes == sorted(sizes) and sizes[0] < 1e5 < 5e6 < sizes[1] and sizes[-1] < 1.5e9
     cfg = dit_config("tessera-s", in_channels=8, patch_size=(1, 2, 2))
     assert cfg.in_dim == 32 and cfg.rope_dims == (24, 20, 20)
     assert forward_flops(cfg, [256, 256], 20) == 2 * forward_flops(cfg, [256], 20)
