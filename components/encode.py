@@ -315,10 +315,18 @@ def run(cfg: TesseraConfig, workdir: Path, manifest: str, vae: str,
 
 
 def read_index(latents: str) -> Any:
-    """The index of an encode output (``latents/`` URI) as a pandas DataFrame."""
-    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(latents, INDEX_NAME)))
-                         ).to_pandas()
-
+    """The index of an encode output (``latents/`` URI) as a DataFrame sorted by ``clip_id``."""
+    uri = storage.join(latents, INDEX_NAME)
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{uri} does not exist; expected the output of the encode step "
+            "(index.parquet + safetensors shards)"
+        )
+    index = pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pandas()
+    missing = [c for c in ("clip_id", "shard", "split") if c not in index.columns]
+    if missing:
+        raise ValueError(f"{uri} lacks column(s) {missing}; expected {INDEX_SCHEMA.names}")
+    return index.sort_values("clip_id", kind="stable").reset_index(drop=True)
 
 __all__ = ["INDEX_SCHEMA", "ClipEncoder", "encode_shard", "merge", "plan_shards", "read_index",
            "run", "shard_name", "shard_step"]

@@ -1,7 +1,7 @@
 """Train the text-to-video DiT on latent shards (``tessera train-dit``; issue 5).
 
 **Input** is the encode step's output ``latents``: ``index.parquet`` (one row per clip, see
-:data:`INDEX_COLUMNS`) and safetensors shards holding ``"{clip_id}/latent"`` (C, t, h, w) float32,
+:data:`components.encode.INDEX_SCHEMA`) and safetensors shards holding ``"{clip_id}/latent"`` (C, t, h, w) float32,
 already normalised, plus ``"{clip_id}/text"`` (L, D) float32 and ``"{clip_id}/text_mask"`` (L,)
 uint8 for captioned clips. A clip without text trains with the null condition (all-False mask),
 exactly what classifier-free guidance samples with.
@@ -40,7 +40,6 @@ ratios when the VAE is given.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
@@ -65,6 +64,7 @@ from components.config import (
     from_dict,
     to_dict,
 )
+from components.encode import read_index
 from components.runner import StepResult
 from components.trainer import (
     ResumableSampler,
@@ -81,11 +81,6 @@ from model.patches import PackedBatch, grid_shape, pack_patches, plan_packs
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.parquet"
-INDEX_COLUMNS = (
-    "clip_id", "shard", "split", "kind", "caption", "short_caption", "caption_source", "width",
-    "height", "num_frames", "latent_c", "latent_t", "latent_h", "latent_w", "uri",
-)  # fmt: skip
 FLOW_NAME = "flow.json"  # what model.generate.load_flow_config reads next to the DiT weights
 SUMMARY_NAME = "train_dit_summary.json"
 LOG_NAME = "train_dit.log"
@@ -137,23 +132,6 @@ class LatentSet:
             n = self.texts[i].shape[0]
             text[row, :n], mask[row, :n] = self.texts[i], self.text_masks[i]
         return text, mask
-
-
-def read_index(latents: str) -> Any:
-    """``index.parquet`` of a latents directory / URI as a DataFrame, checked for its columns."""
-    import pandas as pd
-
-    uri = storage.join(latents, INDEX_NAME)
-    if not storage.exists(uri):
-        raise FileNotFoundError(
-            f"{uri} does not exist; train_dit reads the output of the encode step "
-            "(index.parquet + safetensors shards)"
-        )
-    index = pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
-    missing = [c for c in ("clip_id", "shard", "split") if c not in index.columns]
-    if missing:
-        raise ValueError(f"{uri} lacks column(s) {missing}; expected the columns {INDEX_COLUMNS}")
-    return index.sort_values("clip_id", kind="stable").reset_index(drop=True)
 
 
 def split_clips(index: Any, val_clips: int) -> tuple[Any, Any, bool]:
