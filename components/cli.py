@@ -152,6 +152,60 @@ def dataset_checkout(
     typer.echo(f"dataset {rev} restored into {path}")
 
 
+# --------------------------------------------------------------------------- training
+
+
+@app.command("train-vae")
+def train_vae_cmd(
+    manifest: Annotated[str, typer.Argument(help="URI of the validated manifest.parquet.")],
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Train the causal video VAE with DeepSpeed (resumes from its checkpoints with --run-id)."""
+    from components import runner, train_vae
+
+    cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
+    _emit(runner.run_step("train_vae", train_vae.run, cfg, ctx, manifest=manifest,
+                          checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae")))  # fmt: skip
+
+
+@app.command("encode")
+def encode_cmd(
+    manifest: Annotated[str, typer.Argument(help="URI of the validated manifest.parquet.")],
+    vae: Annotated[str, typer.Option(help="VAE directory (the train-vae output's vae/).")],
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Encode every clip at native size into latent shards + index.parquet."""
+    from components import encode, runner
+
+    cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
+    _emit(runner.run_step("encode", encode.run, cfg, ctx, manifest=manifest, vae=vae))
+
+
+@app.command("train-dit")
+def train_dit_cmd(
+    latents: Annotated[str, typer.Argument(help="The encode output's latents/ directory.")],
+    vae: Annotated[
+        str | None, typer.Option(help="VAE directory: enables sample videos and a complete model.")
+    ] = None,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Train the diffusion transformer on packed spacetime patches with DeepSpeed."""
+    from components import runner, train_dit
+
+    cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
+    _emit(runner.run_step("train_dit", train_dit.run, cfg, ctx, latents=latents, vae=vae,
+                          checkpoint_dir=runner.checkpoint_dir(ctx, "train_dit")))  # fmt: skip
+
+
 # --------------------------------------------------------------------------- generation
 
 ModelDir = Annotated[

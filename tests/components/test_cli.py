@@ -14,7 +14,7 @@ runner = CliRunner()
 COMMANDS = [
     [], ["config"], ["demo-data"], ["ingest"], ["validate"], ["version"], ["dataset"],
     ["dataset", "checkout"], ["run"], ["demo"], ["mlflow-server"], ["bench"], ["generate"],
-    ["edit"],
+    ["edit"], ["train-vae"], ["encode"], ["train-dit"],
 ]  # fmt: skip
 
 
