@@ -471,7 +471,7 @@ def worker(payload: dict[str, Any]) -> None:
     rank, world_size = world()
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        format=f"train_dit: %(asctime)s [rank {rank}] %(message)s",  # launch() echoes these
     )
     out_dir, checkpoint_dir = Path(payload["out_dir"]), Path(payload["checkpoint_dir"])
 
@@ -498,7 +498,7 @@ def worker(payload: dict[str, Any]) -> None:
     buckets = _bucket_names(flow.config.loss_buckets)
     sampler = _make_sample_writer(cfg, payload, val, data, device) if rank == 0 else None
     log.info(
-        "train_dit: %d train clips (%d images), %d val clips (held out: %s), %s, %d packs/step, "
+        "%d train clips (%d images), %d val clips (held out: %s), %s, %d packs/step, "
         "peak %.1f GFLOP/s", len(data), sum(k == "image" for k in data.kinds), len(val), heldout,
         tcfg.size, packs_per_step, peak,
     )  # fmt: skip

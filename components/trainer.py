@@ -35,6 +35,10 @@ from torch import nn
 
 from components.config import Environment, TrainConfig
 
+# Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
+# progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
+PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"[rank0]:", b"Traceback")
+
 
 class TrainingFailed(RuntimeError):
     """A training process exited with an error; the message points at its log."""
@@ -61,7 +65,14 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     with log_path.open("ab") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        for line in proc.stdout:  # everything to the log; progress lines also to our stdout
+            log.write(line)
+            log.flush()
+            if line.startswith(PROGRESS_PREFIXES):
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+        proc.wait()
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise TrainingFailed(
