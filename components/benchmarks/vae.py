@@ -199,7 +199,8 @@ def measure_peak_mb(
     for group in (g for g in groups if g):
         model = "peer" if "peer" in group[0][1] else "ours"
         spec = {"ours": s.ours, "peer": s.peer, "model": model, "seed": seed,
-                "calls": [[list(c), v] for c, v in group], "threads": torch.get_num_threads()}  # fmt: skip
+                "calls": [[list(c), v] for c, v in group],
+                "threads": torch.get_num_threads()}  # fmt: skip
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": _MMAP_THRESHOLD}
         done = subprocess.run(
             [sys.executable, "-m", "components.benchmarks.vae", json.dumps(spec)],
