@@ -258,6 +258,27 @@ def edit_cmd(
                    input=input, prompt=prompt, strength=strength))  # fmt: skip
 
 
+@app.command("eval-prompts")
+def eval_prompts_cmd(
+    model: ModelDir,
+    corpus: Annotated[str, typer.Option(
+        help="A demo-data output directory (clips/, captions.parquet, factors.parquet).")],
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Colour-following check: recoloured corpus captions, same seed, colour read back."""
+    from components import demo_data, prompt_eval, storage
+    from components.runner import run_step
+
+    cfg = _config(profile, overrides)
+    _emit(run_step("prompt_eval", prompt_eval.run, cfg, _context(run_id, no_track), model=model,
+                   clips=storage.join(corpus, demo_data.CLIPS_DIR),
+                   captions=storage.join(corpus, demo_data.CAPTIONS_FILE),
+                   factors=storage.join(corpus, demo_data.FACTORS_FILE)))  # fmt: skip
+
+
 # --------------------------------------------------------------------------- pipeline
 
 

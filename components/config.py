@@ -213,6 +213,22 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class PromptEvalConfig:
+    """The colour-following check (``tessera eval-prompts``): corpus captions of one object on a
+    plain background, the colour word swapped through the palette, same seed per base."""
+
+    max_bases: int = 6  # base captions; each is tried with every contrasting palette colour
+    frames: int = 9  # of the video variants (images stay one frame)
+    min_distance: float = 55.0  # RGB distance from the background that counts as foreground
+
+    def __post_init__(self) -> None:
+        if self.max_bases < 1 or self.frames < 1 or self.min_distance <= 0:
+            raise ValueError(
+                f"prompt_eval needs max_bases >= 1, frames >= 1 and min_distance > 0, got "
+                f"{self.max_bases}, {self.frames}, {self.min_distance}")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment_prefix: str = "tessera"
 
@@ -240,6 +256,7 @@ class TesseraConfig:
     text: TextConfig = field(default_factory=TextConfig)
     train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prompt_eval: PromptEvalConfig = field(default_factory=PromptEvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 

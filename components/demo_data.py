@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -373,6 +374,22 @@ def _background(spec: ClipSpec, world_width: int) -> np.ndarray:
     raise ValueError(f"unknown background {spec.background!r}; choose one of {BACKGROUNDS}")
 
 
+def background_range(
+    background: str, colours: Sequence[str]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The RGB segment every backdrop pixel of :func:`_background` lies on: the colour itself
+    (plain), the two ends (gradient), or the colour times the noise's 0.5..1.5 (mottled)."""
+    first = BACKGROUND_PALETTE[colours[0]]
+    if background == "solid":
+        return first, first
+    if background == "gradient":
+        return first, BACKGROUND_PALETTE[colours[1]]
+    if background == "noise":
+        return (tuple(0.5 * v for v in first),
+                tuple(min(255.0, 1.5 * v) for v in first))
+    raise ValueError(f"unknown background {background!r}; choose one of {BACKGROUNDS}")
+
+
 def _cells(n: int, cell: int) -> tuple[np.ndarray, np.ndarray]:
     """Grid index and smoothstep weight of ``n`` pixel centres on a grid of ``cell`` pixels."""
     pos = (np.arange(n) + 0.5) / cell
@@ -435,6 +452,19 @@ def _object_phrase(obj: ObjectSpec) -> str:
     if obj.texture == "checkered":
         return f"{size} {obj.color} {noun} with a checkered pattern"
     return f"{size} solid {obj.color} {noun}"
+
+
+def recolour_caption(caption: str, obj: dict, colour: str) -> str:
+    """``caption`` with the object whose factors are ``obj`` (an entry of the factor sidecar's
+    ``objects`` JSON) given ``colour`` instead; nothing else in the text changes."""
+    if colour not in PALETTE:
+        raise ValueError(f"unknown object colour {colour!r}; the palette is {sorted(PALETTE)}")
+    spec = ObjectSpec(shape=obj["shape"], color=obj["color"], size=obj["size"],
+                      texture=obj["texture"], motion=obj["motion"], x=0.5, y=0.5, phase=0.0)
+    old = _object_phrase(spec)
+    if old not in caption:
+        raise ValueError(f"caption does not describe the object {obj}: {old!r} not in {caption!r}")
+    return caption.replace(old, _object_phrase(dataclasses.replace(spec, color=colour)), 1)
 
 
 def _place(obj: ObjectSpec) -> str:
@@ -736,5 +766,6 @@ def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
 
 __all__ = [
     "ClipSpec", "ObjectSpec", "copy_real_clip", "describe", "encode_image", "encode_video",
-    "frame_size", "generate", "plan_corpus", "real_clip_sources", "render_frames", "video_codec",
+    "background_range", "frame_size", "generate", "plan_corpus", "real_clip_sources", "recolour_caption", "render_frames",
+    "video_codec",
 ]

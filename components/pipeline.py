@@ -148,6 +148,23 @@ def samples(params: dict[str, Any], run: dict[str, Any], dit: dict[str, Any]) ->
     )  # fmt: skip
 
 
+def prompt_eval(
+    params: dict[str, Any], run: dict[str, Any], raw: dict[str, Any], dit: dict[str, Any]
+) -> dict[str, Any]:
+    """Colour-following check of the trained model; it needs the demo corpus's factor sidecar,
+    so a run on ``params.source`` (user data) reports why it has nothing to check."""
+    if not raw.get("factors"):
+        return {"skipped": "the corpus has no factor sidecar (params.source is user data); "
+                           "the colour check runs on the rendered demo corpus"}
+    from components import prompt_eval as step
+
+    cfg, ctx = resolve(params, run)
+    return runner.run_step(
+        "prompt_eval", step.run, cfg, ctx, model=dit["model"], clips=raw["clips"],
+        captions=raw["captions"], factors=raw["factors"],
+    )  # fmt: skip
+
+
 def finish(params: dict[str, Any], run: dict[str, Any], **steps: dict[str, Any]) -> dict[str, Any]:
     """Close the parent run and write ``{store}/latest/pipeline.json``, a summary of every step."""
     cfg, ctx = resolve(params, run)

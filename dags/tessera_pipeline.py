@@ -18,8 +18,10 @@ Great Expectations suite (`validate`, Data Docs logged to MLflow) and versioned 
 (`version`). The video VAE is trained (`train_vae`, DeepSpeed), every clip is encoded at native
 size into latent shards (`encode_shard`, mapped over shards, then `merge_latents`), the diffusion
 transformer is trained on packed spacetime patches (`train_dit`, DeepSpeed, resumes from its
-checkpoints on retry) and `samples` renders videos at 16:9, 9:16, 1:1 and a still image. Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a
-finished step is a no-op and a retry of a crashed one starts that step again cleanly.
+checkpoints on retry), `samples` renders videos at 16:9, 9:16, 1:1 and a still image, and
+`prompt_eval` scores how well generated clips follow the colour named in recoloured corpus
+captions (demo corpus only). Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so
+a retry of a finished step is a no-op and a retry of a crashed one starts that step again cleanly.
 MLflow: experiment `tessera/tessera_pipeline`, one parent run per DAG run, one nested run per step.
 """
 
@@ -109,16 +111,22 @@ def tessera_pipeline():
 
         return pipeline.samples(dict(params), run, dit)
 
+    @task
+    def prompt_eval(run: dict, raw: dict, dit: dict, params=None) -> dict:
+        from components import pipeline
+
+        return pipeline.prompt_eval(dict(params), run, raw, dit)
+
     @task(retries=0)
     def finish(
         run: dict, ingested: dict, validated: dict, versioned: dict, vae: dict, latents: dict,
-        dit: dict, sampled: dict, params=None,
+        dit: dict, sampled: dict, evaluated: dict, params=None,
     ) -> dict:
         from components import pipeline
 
         return pipeline.finish(
             dict(params), run, ingest=ingested, validate=validated, version=versioned,
-            train_vae=vae, encode=latents, train_dit=dit, samples=sampled,
+            train_vae=vae, encode=latents, train_dit=dit, samples=sampled, prompt_eval=evaluated,
         )  # fmt: skip
 
     run = start()
@@ -133,7 +141,8 @@ def tessera_pipeline():
     latents = merge_latents(run, shards)
     dit = train_dit(run, latents, vae)
     sampled = samples(run, dit)
-    finish(run, ingested, validated, versioned, vae, latents, dit, sampled)
+    evaluated = prompt_eval(run, raw, dit)
+    finish(run, ingested, validated, versioned, vae, latents, dit, sampled, evaluated)
 
 
 pipeline_dag = tessera_pipeline()

@@ -664,7 +664,7 @@ def video_codec() -> str:
         return "mpeg4"
 
 
-def _to_uint8_frames(video: Tensor) -> np.ndarray:
+def to_uint8_frames(video: Tensor) -> np.ndarray:
     """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
     pixels = ((video.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     return rearrange(pixels, "c t h w -> t h w c").cpu().numpy()
@@ -682,7 +682,7 @@ def save_video(video: Tensor, path: Path, fps: int = 12) -> Path:
 
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"save_video takes (3, T, H, W), got {tuple(video.shape)}")
-    frames = _to_uint8_frames(video)  # (T, H, W, 3)
+    frames = to_uint8_frames(video)  # (T, H, W, 3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     num_frames, height, width, _ = frames.shape

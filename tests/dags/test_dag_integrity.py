@@ -58,7 +58,7 @@ def test_no_import_errors(dagbag):
 def test_pipeline_shape(dagbag):
     assert dagbag["tasks"] == sorted([
         "start", "corpus", "ingest", "validate", "version", "train_vae", "plan_encode",
-        "encode_shard", "merge_latents", "train_dit", "samples", "finish",
+        "encode_shard", "merge_latents", "train_dit", "samples", "prompt_eval", "finish",
     ])  # fmt: skip
     edges = {tuple(e) for e in dagbag["edges"]}
     chain = ["start", "corpus", "ingest", "validate", "version", "train_vae", "encode_shard",
@@ -66,6 +66,7 @@ def test_pipeline_shape(dagbag):
     for edge in itertools.pairwise(chain):
         assert edge in edges, edge
     assert ("plan_encode", "encode_shard") in edges
+    assert {("train_dit", "prompt_eval"), ("corpus", "prompt_eval"), ("prompt_eval", "finish")} <= edges
     assert dagbag["mapped"] == ["encode_shard"]
 
 

@@ -1,5 +1,6 @@
 """The whole pipeline DAG through a real Airflow `dag.test()` on the tiny profile, tracked by a
-real MLflow server: demo corpus → ingest → validate → version."""
+real MLflow server: demo corpus → ingest → validate → version → train_vae → encode → train_dit →
+samples and prompt_eval."""
 
 from __future__ import annotations
 
@@ -59,6 +60,15 @@ def test_dag_trains_and_samples(pipeline_run):
     assert wide[2] > wide[1] and tall[1] > tall[2]
 
 
+def test_dag_scores_colour_following(pipeline_run):
+    _, _, full = pipeline_run
+    evaluated = full["prompt_eval"]
+    result = json.loads(storage.read_text(evaluated["result"]))
+    assert evaluated["trials"] == len(result["trials"]) > 0
+    assert 0 < result["chance"] < 1 and 0 <= result["accuracy"] <= 1
+    assert storage.exists(evaluated["grid"])
+
+
 def test_mlflow_has_parent_and_nested_step_runs(pipeline_run, mlflow_server, monkeypatch):
     import mlflow
 
@@ -73,7 +83,7 @@ def test_mlflow_has_parent_and_nested_step_runs(pipeline_run, mlflow_server, mon
     )
     steps = {r.data.tags["tessera.step"]: r for r in runs}
     assert {"pipeline", "demo_data", "ingest", "validate", "version", "train_vae", "encode",
-            "train_dit", "samples"} <= set(steps)
+            "train_dit", "samples", "prompt_eval"} <= set(steps)
     parent = steps["pipeline"].info.run_id
     assert all(steps[s].data.tags.get("mlflow.parentRunId") == parent for s in ("ingest", "validate"))
     assert steps["pipeline"].info.status == "FINISHED"
