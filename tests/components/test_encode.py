@@ -110,9 +110,10 @@ def test_captioned_clips_carry_text_embeddings(encoded):
         tensors = _tensors(latents, row.shard)
         if row.has_text:
             text, mask = tensors[f"{row.clip_id}/text"], tensors[f"{row.clip_id}/text_mask"]
-            assert text.dtype == torch.float32 and text.shape == (32, 384)  # minilm, tiny L
-            assert mask.dtype == torch.uint8 and mask.shape == (32,) and mask.sum() >= 3
-            assert (text * (1 - mask[:, None].float())).abs().sum() == 0  # pads zeroed
+            # real tokens only (train_dit pads per batch), at most text.max_length
+            assert text.dtype == torch.float32 and text.shape[1] == 384  # minilm
+            assert 3 <= text.shape[0] <= load_config("tiny").text.max_length
+            assert mask.dtype == torch.uint8 and mask.shape == (text.shape[0],) and mask.all()
         else:
             assert f"{row.clip_id}/text" not in tensors
 
