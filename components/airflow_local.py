@@ -66,6 +66,7 @@ def dags_test(profile: str, overrides: list[str], source: str, captions: str = "
     from components import storage
 
     summary = json.loads(storage.read_text(storage.join(cfg.store_uri(), "latest", "pipeline.json")))
+    holdout = summary["train_vae"].get("holdout_psnr")
     return {
         "run_id": summary["run_id"],
         "manifest": summary["validate"]["manifest"],
@@ -73,12 +74,24 @@ def dags_test(profile: str, overrides: list[str], source: str, captions: str = "
         "quarantine": summary["validate"]["quarantine"],
         "dataset rev": summary["version"]["dataset_rev"],
         "vae": f"{summary['train_vae']['vae']} (held-out real footage PSNR "
-        f"{summary['train_vae'].get('holdout_psnr')} dB)",
+        f"{'n/a' if holdout is None else f'{holdout:.2f}'} dB)",
         "model": summary["train_dit"].get("model", summary["train_dit"]["dit"]),
         "samples": summary["samples"]["samples"],
+        "colour following": _colour_line(summary.get("prompt_eval")),
         "ingested": f"{summary['ingest']['ingested']} of {summary['ingest']['seen']} files "
         f"({summary['ingest']['quarantined']} quarantined: {summary['ingest'].get('reasons', {})})",
     }
+
+
+def _colour_line(evaluated: dict | None) -> str:
+    """One line on the prompt_eval step's outputs for the end-of-run summary."""
+    if not evaluated:
+        return "not run"
+    if "skipped" in evaluated:
+        return f"skipped: {evaluated['skipped']}"
+    return (f"accuracy {evaluated['colour_accuracy']:.2f} vs chance "
+            f"{evaluated['colour_chance']:.2f} (p = {evaluated['colour_p_value']:.2g}, "
+            f"{evaluated['trials']} clips): {evaluated['result']}")
 
 
 def _child(dag_id: str, conf_json: str) -> int:

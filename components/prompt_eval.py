@@ -51,19 +51,21 @@ def _read_parquet(uri: str) -> list[dict]:
 
 
 def _grid(cells: list[list[tuple[Any, str]]], path: Path) -> None:
-    """Rows of (uint8 HxWx3 frame, label) -> one PNG with a label under each cell."""
+    """Rows of (uint8 HxWx3 frame, label) -> one PNG, each label under its frame."""
     from PIL import Image, ImageDraw
 
-    cell_w = max(f.shape[1] for row in cells for f, _ in row)
-    cell_h = max(f.shape[0] for row in cells for f, _ in row)
-    label_h, cols = 12, max(len(row) for row in cells)
-    sheet = Image.new("RGB", (cols * cell_w, len(cells) * (cell_h + label_h)), (255, 255, 255))
+    label_h, pad = 12, 4
+    cell_w = max(f.shape[1] for row in cells for f, _ in row) + pad
+    heights = [max(f.shape[0] for f, _ in row) + label_h + pad for row in cells]
+    cols = max(len(row) for row in cells)
+    sheet = Image.new("RGB", (cols * cell_w, sum(heights)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for r, row in enumerate(cells):
+    y = 0
+    for row, height in zip(cells, heights, strict=True):
         for c, (frame, label) in enumerate(row):
-            x, y = c * cell_w, r * (cell_h + label_h)
-            sheet.paste(Image.fromarray(frame), (x, y))
-            draw.text((x + 1, y + cell_h), label, fill=(0, 0, 0))
+            sheet.paste(Image.fromarray(frame), (c * cell_w, y))
+            draw.text((c * cell_w + 1, y + frame.shape[0]), label, fill=(0, 0, 0))
+        y += height
     sheet.save(path)
 
 
