@@ -69,6 +69,10 @@ class DiTConfig:
         timestep_scale: flow time t in [0, 1] is multiplied by this before the sinusoidal
             embedding, so its frequencies match DiT's 0..1000 step range.
         frequency_embedding_size: width of the sinusoidal timestep features.
+        pooled_text: also condition every block's adaLN on the masked mean of the text states
+            (a sentence embedding, as MiniLM is trained to give), projected and added to the
+            timestep embedding, as SD3 and Flux add a pooled text vector. Cross-attention still
+            reads every token; the pooled path gives the prompt a global handle from step one.
     """
 
     hidden_size: int = 384
@@ -86,6 +90,7 @@ class DiTConfig:
     gradient_checkpointing: bool = False
     timestep_scale: float = 1000.0
     frequency_embedding_size: int = 256
+    pooled_text: bool = True
 
     def __post_init__(self) -> None:
         # JSON gives lists; store tuples so the config stays hashable and compares equal.
@@ -256,11 +261,14 @@ class TextCache:
         kv: per block ``(k, v)``, each (B, Lt, H, head_dim), k already QK-normed.
         mask: (B, Lt) bool, True for real text tokens.
         valid_index: per row, the int64 positions of its real text tokens.
+        pooled: (B, D) projected pooled text added to the timestep embedding (zeros for rows
+            without text, or when the model has no pooled path).
     """
 
     kv: list[tuple[Tensor, Tensor]]
     mask: Tensor
     valid_index: list[Tensor]
+    pooled: Tensor
 
     @property
     def has_text(self) -> Tensor:
@@ -590,6 +598,10 @@ class DiT(nn.Module):
         self.text_embedder = nn.Sequential(
             nn.Linear(config.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d)
         )
+        self.pooled_embedder = (
+            nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d))
+            if config.pooled_text else None
+        )
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         self.final_layer = FinalLayer(config)
         self.gradient_checkpointing = config.gradient_checkpointing
@@ -604,7 +616,7 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(_basic)
-        for layer in (*self.t_embedder.mlp, *self.text_embedder):
+        for layer in (*self.t_embedder.mlp, *self.text_embedder, *(self.pooled_embedder or ())):
             if isinstance(layer, nn.Linear):
                 nn.init.normal_(layer.weight, std=0.02)
         for module in (
@@ -634,10 +646,17 @@ class DiT(nn.Module):
                 f"text_mask {tuple(text_mask.shape)} must match text (B, Lt)={tuple(text.shape[:2])}"
             )
         text_mask = text_mask.bool()
-        h = self.text_embedder(text.to(self.x_embedder.weight.dtype))  # (B, Lt, D)
+        text = text.to(self.x_embedder.weight.dtype)
+        h = self.text_embedder(text)  # (B, Lt, D)
         kv = [block.cross_attn.text_kv(h) for block in self.blocks]  # depth x 2 x (B, Lt, H, hd)
         valid = [row.nonzero().squeeze(1) for row in text_mask]  # B x (Lb,)
-        return TextCache(kv=kv, mask=text_mask, valid_index=valid)
+        weight = text_mask.to(text.dtype).unsqueeze(-1)  # (B, Lt, 1)
+        if self.pooled_embedder is not None:
+            mean = (text * weight).sum(1) / weight.sum(1).clamp(min=1.0)  # (B, text_dim)
+            pooled = self.pooled_embedder(mean) * text_mask.any(-1, keepdim=True)  # (B, D)
+        else:
+            pooled = text.new_zeros(text.shape[0], self.config.hidden_size)
+        return TextCache(kv=kv, mask=text_mask, valid_index=valid, pooled=pooled)
 
     def forward(
         self,
@@ -683,7 +702,7 @@ class DiT(nn.Module):
         ctx = build_attention_context(backend, cu_seqlens, x.shape[0], x.device, text_cache)
         rope = torch.complex(*rope_angles(coords, cfg.rope_dims, cfg.rope_theta))  # (N, hd/2)
         h = self.x_embedder(x)  # (N, D)
-        c = self.t_embedder(t)  # (B, D)
+        c = self.t_embedder(t) + text_cache.pooled.to(h.dtype)  # (B, D)
         for block, kv in zip(self.blocks, text_cache.kv, strict=True):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, rope, kv, ctx, use_reentrant=False)  # (N, D)
@@ -783,6 +802,7 @@ def count_params(config: DiTConfig) -> int:
         + (d * d + d)  # timestep MLP
         + (config.text_dim * d + d)
         + (d * d + d)  # text projection
+        + ((config.text_dim * d + d) + (d * d + d) if config.pooled_text else 0)  # pooled text
     )
     final = (2 * d * d + 2 * d) + (d * config.out_dim + config.out_dim)
     return config.depth * block + embed + final
@@ -813,6 +833,8 @@ def forward_flops(
         total += config.depth * layer
         total += 2 * n * (config.in_dim * d + d * config.out_dim)  # patch embed + final linear
         total += 2 * lt * (config.text_dim * d + d * d)  # text projection
+        if config.pooled_text:
+            total += 2 * (config.text_dim * d + d * d)  # pooled text (once per clip)
     return total
 
 

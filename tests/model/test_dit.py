@@ -76,9 +76,9 @@ def test_config_validation_errors():
         dit_config("tessera-xxl")
 
 
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_count_params_matches_model(qk_norm):
-    cfg = tiny_config(qk_norm=qk_norm, out_channels=8, mlp_ratio=3.0)
+@pytest.mark.parametrize(("qk_norm", "pooled_text"), [(True, True), (False, False)])
+def test_count_params_matches_model(qk_norm, pooled_text):
+    cfg = tiny_config(qk_norm=qk_norm, out_channels=8, mlp_ratio=3.0, pooled_text=pooled_text)
     assert count_params(cfg) == sum(p.numel() for p in DiT(cfg).parameters())
 
 
@@ -173,6 +173,25 @@ def test_masked_text_tokens_are_ignored():
     with torch.no_grad():
         cond, uncond = model(x, coords, cu, t, text, mask), model(x, coords, cu, t, text, no_text)
     assert torch.isfinite(uncond).all() and (cond - uncond).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pooled_text", [True, False])
+def test_pooled_text_conditions_through_adaln(pooled_text):
+    """With cross-attention silenced, the text still steers the output through the pooled
+    adaLN path, and only when the model has it; the null prompt's pooled vector is zero."""
+    cfg = tiny_config(pooled_text=pooled_text)
+    model = randomized(DiT(cfg))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.cross_attn.proj.weight.zero_()
+            block.cross_attn.proj.bias.zero_()
+    x, coords, cu, t, text, mask = make_inputs(cfg)
+    other = torch.randn_like(text)
+    with torch.no_grad():
+        a, b = model(x, coords, cu, t, text, mask), model(x, coords, cu, t, other, mask)
+        null = model.encode_text(text, torch.zeros_like(mask))
+    assert ((a - b).abs().max() > 1e-3) == pooled_text
+    assert torch.equal(null.pooled, torch.zeros_like(null.pooled))
 
 
 def test_sdpa_segments_equals_dense_mask():
