@@ -570,6 +570,9 @@ def worker(payload: dict[str, Any]) -> None:
         if rank == 0:
             export_model(config, weights, flow.config, out_dir / "dit")
     if rank == 0:
+        # a neighbour busy while the start-up peak was measured would push MFU past 1: the run's
+        # MFU uses the higher of the peaks measured at start and end
+        peak = max(peak, peak_gflops(cfg, device) * world_size)
         summary = summarize(history, peak, tcfg, finished)
         summary.update(clips_train=len(data), clips_val=len(val), val_heldout=heldout,
                        images_train=sum(k == "image" for k in data.kinds),
