@@ -178,6 +178,9 @@ class TrainDiTConfig:
     drop_rate: float = 0.0  # NaViT random token dropping
     prediction: Literal["x0", "velocity"] = "x0"
     text_dropout: float = 0.1  # for classifier-free guidance
+    # share of training clips conditioned on their short caption instead of the long one
+    # (DALL-E 3 blends 5 % ground-truth captions into its descriptive ones)
+    short_caption_rate: float = 0.05
     logit_mean: float = 0.0  # logit-normal timestep distribution (SD3)
     logit_std: float = 1.0
     shift_mode: Literal["none", "fixed", "resolution"] = "resolution"
@@ -197,6 +200,11 @@ class TrainDiTConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=300, micro_batch=1, lr=3e-4, warmup_steps=30)
     )
+
+    def __post_init__(self) -> None:
+        for name in ("drop_rate", "short_caption_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ mode, normalised with the scale/shift stored in the VAE's config.
     latents/shards/shard-00000.safetensors  "{clip_id}/latent"    (C, t, h, w) float32
                                             "{clip_id}/text"      (L, D) float32   } captioned
                                             "{clip_id}/text_mask" (L,) uint8       } clips only
+                                            "{clip_id}/short_text", "…/short_text_mask"  the
+                                            short caption's, where the clip has one
                                             (L = the caption's real tokens, <= text.max_length)
 
 The index's ``shard`` column is the shard's path relative to ``latents/``.
@@ -194,13 +196,15 @@ class ClipEncoder:
                 "has_text": bool((cap.get("caption") or "").strip()), "source_width": clip.width,
                 "source_height": clip.height, "source_frames": clip.num_frames,
             })  # fmt: skip
-        captioned = [r for r in rows if r["has_text"]]
-        if captioned:
-            states, mask = self.text.encode([r["caption"] for r in captioned])  # (B, L, D), (B, L)
-            for r, s, m in zip(captioned, states.float().cpu(), mask.cpu(), strict=True):
+        for column, key in (("caption", "text"), ("short_caption", "short_text")):
+            texted = [r for r in rows if r["has_text"] and (r[column] or "").strip()]
+            if not texted:
+                continue
+            states, mask = self.text.encode([r[column] for r in texted])  # (B, L, D), (B, L)
+            for r, s, m in zip(texted, states.float().cpu(), mask.cpu(), strict=True):
                 n = max(1, int(m.sum()))  # real tokens only: train_dit pads per batch
-                tensors[f"{r['clip_id']}/text"] = s[:n].contiguous()
-                tensors[f"{r['clip_id']}/text_mask"] = m[:n].to(torch.uint8)
+                tensors[f"{r['clip_id']}/{key}"] = s[:n].contiguous()
+                tensors[f"{r['clip_id']}/{key}_mask"] = m[:n].to(torch.uint8)
         cfg, vc = self.cfg, self.vae.config
         metadata = {"format": FORMAT, "scaling_factor": repr(vc.scaling_factor),
                     "shift_factor": repr(vc.shift_factor), "text_encoder": cfg.text.encoder,

@@ -49,7 +49,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ class LatentSet:
         latents: per clip (C, t, h, w) float32, normalised.
         texts: per clip (L, D) float32 text states; (1, D) zeros for a clip without text.
         text_masks: per clip (L,) bool; all False = the null condition.
+        short_texts, short_masks: per clip, the short caption's states and mask, or None.
     """
 
     clip_ids: list[str]
@@ -111,6 +112,8 @@ class LatentSet:
     text_masks: list[Tensor]
     kinds: list[str]
     captions: list[str]
+    short_texts: list[Tensor | None] = field(default_factory=list)
+    short_masks: list[Tensor | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -123,14 +126,25 @@ class LatentSet:
     def text_dim(self) -> int:
         return int(self.texts[0].shape[1])
 
-    def text_batch(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Texts of clips ``indices`` padded to a common length: (B, L, D) and (B, L) bool."""
-        length = max(int(self.texts[i].shape[0]) for i in indices)
+    def text_batch(
+        self, indices: Sequence[int], short: Sequence[bool] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Texts of clips ``indices`` padded to a common length: (B, L, D) and (B, L) bool.
+
+        ``short[j]`` picks clip ``indices[j]``'s short caption where it has one.
+        """
+        chosen = []
+        for j, i in enumerate(indices):
+            use_short = short is not None and short[j] and self.short_texts \
+                and self.short_texts[i] is not None
+            chosen.append((self.short_texts[i], self.short_masks[i]) if use_short
+                          else (self.texts[i], self.text_masks[i]))
+        length = max(int(t.shape[0]) for t, _ in chosen)
         text = torch.zeros(len(indices), length, self.text_dim)
         mask = torch.zeros(len(indices), length, dtype=torch.bool)
-        for row, i in enumerate(indices):
-            n = self.texts[i].shape[0]
-            text[row, :n], mask[row, :n] = self.texts[i], self.text_masks[i]
+        for row, (states, valid) in enumerate(chosen):
+            n = states.shape[0]
+            text[row, :n], mask[row, :n] = states, valid
         return text, mask
 
 
@@ -164,6 +178,7 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
     from safetensors.torch import load as load_safetensors
 
     by_id: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+    shorts: dict[str, tuple[Tensor, Tensor]] = {}
     for shard, group in rows.groupby("shard", sort=True):
         uri = (
             shard
@@ -183,6 +198,11 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
             if text is not None and mask is None:
                 mask = torch.ones(text.shape[0], dtype=torch.bool)
             by_id[clip_id] = (latent, text, mask)
+            short = tensors.get(f"{clip_id}/short_text")
+            if short is not None:
+                short_mask = tensors.get(f"{clip_id}/short_text_mask")
+                shorts[clip_id] = (short.float(), torch.ones(short.shape[0], dtype=torch.bool)
+                                   if short_mask is None else short_mask.bool())
     clip_ids = list(rows["clip_id"])
     dims = {int(t.shape[1]) for _, t, _ in by_id.values() if t is not None}
     if len(dims) > 1:
@@ -200,7 +220,9 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
         masks.append(mask.bool())
     captions = [str(c) if isinstance(c, str) else "" for c in rows.get("caption", [""] * len(rows))]
     kinds = [str(k) for k in rows["kind"]] if "kind" in rows else ["video"] * len(rows)
-    return LatentSet(clip_ids, [by_id[c][0] for c in clip_ids], texts, masks, kinds, captions)
+    return LatentSet(clip_ids, [by_id[c][0] for c in clip_ids], texts, masks, kinds, captions,
+                     [shorts.get(c, (None, None))[0] for c in clip_ids],
+                     [shorts.get(c, (None, None))[1] for c in clip_ids])
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +287,13 @@ def make_batch(
     token_budget: int,
     drop_rate: float = 0.0,
     generator: torch.Generator | None = None,
+    short_caption_rate: float = 0.0,
 ) -> tuple[PackedBatch, Tensor, Tensor]:
-    """One packed batch of clips ``pack`` with its text rows: (batch, (B, L, D), (B, L) bool)."""
+    """One packed batch of clips ``pack`` with its text rows: (batch, (B, L, D), (B, L) bool).
+
+    With ``short_caption_rate`` > 0 each clip that has a short caption gets it instead of the
+    long one with that probability (drawn from ``generator`` after the packing's draws).
+    """
     batches = pack_patches(
         [data.latents[i] for i in pack],
         token_budget,
@@ -277,7 +304,12 @@ def make_batch(
     if len(batches) != 1:
         raise RuntimeError(f"pack {list(pack)} did not fit one batch of {token_budget} tokens")
     batch = batches[0]
-    text, mask = data.text_batch([pack[j] for j in batch.indices])  # rows follow the segments
+    indices = [pack[j] for j in batch.indices]  # text rows follow the segments
+    short = None
+    if short_caption_rate > 0 and any(data.short_texts[i] is not None for i in indices):
+        draws = torch.rand(len(indices), generator=generator)
+        short = (draws < short_caption_rate).tolist()
+    text, mask = data.text_batch(indices, short)
     return batch, text, mask
 
 
@@ -608,7 +640,8 @@ def train_step(
         for global_index, pack in mine[a * mb : (a + 1) * mb]:
             generator = pack_generator(cfg.seed, _TRAIN_STREAM, global_index)
             batch, text, mask = make_batch(data, pack, tcfg.patch_size, tcfg.token_budget,
-                                           tcfg.drop_rate, generator)  # fmt: skip
+                                           tcfg.drop_rate, generator,
+                                           tcfg.short_caption_rate)  # fmt: skip
             with maybe_autocast(train):
                 out = flow.training_loss(trainer.engine, batch.to(device), text.to(device),
                                          mask.to(device), generator=generator)  # fmt: skip

@@ -114,8 +114,14 @@ def test_captioned_clips_carry_text_embeddings(encoded):
             assert text.dtype == torch.float32 and text.shape[1] == 384  # minilm
             assert 3 <= text.shape[0] <= load_config("tiny").text.max_length
             assert mask.dtype == torch.uint8 and mask.shape == (text.shape[0],) and mask.all()
+            short = tensors.get(f"{row.clip_id}/short_text")
+            assert (short is not None) == bool(row.short_caption)
+            if short is not None:  # the short caption's own, shorter embedding
+                assert short.shape[1] == 384 and 3 <= short.shape[0] < text.shape[0]
+                assert tensors[f"{row.clip_id}/short_text_mask"].shape == (short.shape[0],)
         else:
             assert f"{row.clip_id}/text" not in tensors
+            assert f"{row.clip_id}/short_text" not in tensors
 
 
 def test_shards_are_committed_steps_and_merge_like_run(corpus, encoded, tessera_home, monkeypatch):

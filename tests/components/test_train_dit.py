@@ -58,6 +58,30 @@ def test_latents_load_in_clip_order_with_null_text_for_uncaptioned(latents):
     assert text.shape == (2, 6, 16) and not mask[0].any() and mask[1].any()
 
 
+def test_short_captions_replace_long_ones_at_the_configured_rate(latents):
+    data, _ = _data(latents)
+    assert data.short_texts == [None] * len(data)  # these shards carry no short captions
+    data.short_texts = [torch.full((2, 16), float(i)) if i % 2 == 0 else None
+                        for i in range(len(data))]
+    data.short_masks = [torch.ones(2, dtype=torch.bool) if s is not None else None
+                        for s in data.short_texts]
+    text, mask = data.text_batch([0, 1, 2], short=[True, True, False])
+    assert torch.equal(text[0, :2], data.short_texts[0]) and mask[0].sum() == 2
+    assert torch.equal(text[1, : data.texts[1].shape[0]], data.texts[1])  # has no short caption
+    assert torch.equal(text[2, : data.texts[2].shape[0]], data.texts[2])  # not picked
+
+    def short_rows(rate, seed):
+        gen = torch.Generator().manual_seed(seed)
+        _, text, mask = train_dit.make_batch(data, [0, 2, 4], (1, 2, 2), 512, 0.0, gen, rate)
+        return [bool(mask[r].sum() == 2 and (text[r, 0] == text[r, 0, 0]).all()) for r in range(3)]
+
+    assert short_rows(0.0, 0) == [False] * 3
+    assert short_rows(0.999, 0) == [True] * 3
+    picks = [short_rows(0.5, seed) for seed in range(40)]
+    assert picks[:5] == [short_rows(0.5, seed) for seed in range(5)]  # deterministic per seed
+    assert 0.3 < sum(map(sum, picks)) / 120 < 0.7
+
+
 def test_without_a_val_split_the_first_clips_are_held_out(tmp_path):
     root = write_fake_latents(tmp_path / "lat", num_clips=8, num_val=0)
     index = train_dit.read_index(root)
