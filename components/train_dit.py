@@ -3,8 +3,10 @@
 **Input** is the encode step's output ``latents``: ``index.parquet`` (one row per clip, see
 :data:`components.encode.INDEX_SCHEMA`) and safetensors shards holding ``"{clip_id}/latent"`` (C, t, h, w) float32,
 already normalised, plus ``"{clip_id}/text"`` (L, D) float32 and ``"{clip_id}/text_mask"`` (L,)
-uint8 for captioned clips. A clip without text trains with the null condition (all-False mask),
-exactly what classifier-free guidance samples with.
+uint8 for captioned clips, and ``"{clip_id}/short_text"`` / ``short_text_mask`` where a clip has a
+short caption: a ``train_dit.short_caption_rate`` share of training clips is conditioned on it
+instead (validation always uses the long caption). A clip without text trains with the null
+condition (all-False mask), exactly what classifier-free guidance samples with.
 
 **Data** is held in memory by every training process: at the demo and small profiles a clip is
 at most ~17 x 32 x 32 x 8 floats (~0.5 MB) and the corpus a few hundred MB at most. A corpus that
