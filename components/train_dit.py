@@ -308,7 +308,8 @@ def make_batch(
     batch = batches[0]
     indices = [pack[j] for j in batch.indices]  # text rows follow the segments
     short = None
-    if short_caption_rate > 0 and any(data.short_texts[i] is not None for i in indices):
+    if short_caption_rate > 0 and data.short_texts and any(
+            data.short_texts[i] is not None for i in indices):
         draws = torch.rand(len(indices), generator=generator)
         short = (draws < short_caption_rate).tolist()
     text, mask = data.text_batch(indices, short)
