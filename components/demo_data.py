@@ -766,6 +766,6 @@ def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
 
 __all__ = [
     "ClipSpec", "ObjectSpec", "copy_real_clip", "describe", "encode_image", "encode_video",
-    "background_range", "frame_size", "generate", "plan_corpus", "real_clip_sources", "recolour_caption", "render_frames",
-    "video_codec",
+    "background_range", "frame_size", "generate", "plan_corpus", "real_clip_sources",
+    "recolour_caption", "render_frames", "video_codec",
 ]

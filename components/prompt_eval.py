@@ -99,10 +99,12 @@ def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str
             f"{factors} lists no captioned file with a single object, so there is nothing to "
             "recolour; render a larger corpus (demo_data.num_clips)")
 
+    backgrounds = [background_range(b["background"], b["background_colors"].split(","))
+                   for b in bases]
+
     # 1. the classifier on the corpus files themselves (known colours)
     checks = []
-    for base in bases:
-        background = background_range(base["background"], base["background_colors"].split(","))
+    for base, background in zip(bases, backgrounds, strict=True):
         with storage.local_copy(storage.join(clips, base["path"])) as path:
             frames = to_uint8_frames(load_video(path))
         vote = pf.dominant_colour(frames, PALETTE, background, min_distance=pcfg.min_distance)
@@ -114,8 +116,7 @@ def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str
     with model_dir(model) as directory:
         generator = load_generator(cfg, directory)
     requests, meta = [], []
-    for i, base in enumerate(bases):
-        background = background_range(base["background"], base["background_colors"].split(","))
+    for i, (base, background) in enumerate(zip(bases, backgrounds, strict=True)):
         obj = json.loads(base["objects"])[0]
         colours = pf.contrasting(PALETTE, background, MIN_CONTRAST)
         frames = 1 if base["kind"] == "image" else pcfg.frames

@@ -135,12 +135,12 @@ class LatentSet:
 
         ``short[j]`` picks clip ``indices[j]``'s short caption where it has one.
         """
-        chosen = []
-        for j, i in enumerate(indices):
-            use_short = short is not None and short[j] and self.short_texts \
-                and self.short_texts[i] is not None
-            chosen.append((self.short_texts[i], self.short_masks[i]) if use_short
-                          else (self.texts[i], self.text_masks[i]))
+        chosen = [
+            (self.short_texts[i], self.short_masks[i])
+            if short and short[j] and self.short_texts[i] is not None
+            else (self.texts[i], self.text_masks[i])
+            for j, i in enumerate(indices)
+        ]
         length = max(int(t.shape[0]) for t, _ in chosen)
         text = torch.zeros(len(indices), length, self.text_dim)
         mask = torch.zeros(len(indices), length, dtype=torch.bool)
