@@ -13,7 +13,8 @@ Attention backends (``DiTConfig.attention_backend``):
 
 * ``"sdpa_segments"`` — ``F.scaled_dot_product_attention`` per run of consecutive equal-length
   clips, batched (strided views, no copies). The CPU default: a dense block mask is ~4x slower on
-  CPU and FlexAttention has no CPU backward.
+  CPU and FlexAttention has no CPU backward. Under CPU bf16 autocast, calls within
+  ``MATMUL_ATTENTION_MAX_BYTES`` of probabilities use :func:`matmul_attention`, not the flash kernel.
 * ``"dense_mask"`` — one SDPA call with an (N, N) block-diagonal mask; O(N²) memory, for tests.
 * ``"flex"`` — ``torch.nn.attention.flex_attention`` with a document mask; CUDA only.
 * ``"auto"`` — ``"flex"`` on CUDA when importable, else ``"sdpa_segments"``.
@@ -408,6 +409,39 @@ def build_attention_context(
     return ctx
 
 
+# bf16 self-attention on CPU runs as two bf16 matmuls and a softmax (:func:`matmul_attention`):
+# ~1.5x faster than SDPA's CPU flash kernel in bf16 (1,280 tokens, head dim 64, forward +
+# backward), for the (L, L) probabilities of every head kept for backward. Calls whose
+# probabilities would exceed this many bytes keep the flash kernel's O(L) memory.
+MATMUL_ATTENTION_MAX_BYTES = 128 * 2**20
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _use_matmul_attention(q: Tensor, keys: int | None = None) -> bool:
+    """q (..., L, hd) attending to ``keys`` keys (default L): on CPU in bf16 (or under bf16
+    autocast), within the memory cap."""
+    if q.device.type != "cpu" or not (q.dtype == torch.bfloat16 or _cpu_bf16_autocast()):
+        return False
+    return q.shape[:-1].numel() * (keys or q.shape[-2]) * 2 <= MATMUL_ATTENTION_MAX_BYTES
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Softmax attention as bf16 matmuls: q (..., L, hd), k and v (..., M, hd), optional bool
+    key ``mask`` broadcastable to (..., L, M) -> (..., L, hd) in bf16.
+
+    The CPU softmax kernel accumulates bf16 inputs in fp32; scores and probabilities are stored in
+    bf16, as the math SDPA backend does in bf16.
+    """
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (..., L, M)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
     """Self-attention within each packed clip: q, k, v (N, H, hd) -> (N, H, hd)."""
     if ctx.backend == "sdpa_segments":
@@ -419,6 +453,10 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) ->
             qs, ks, vs = (
                 rearrange(s, "(b n) h d -> b h n d", b=run.count) for s in (qs, ks, vs)
             )  # (count, H, L, hd) strided views, no copy
+            if _use_matmul_attention(qs):
+                out = matmul_attention(qs, ks, vs)  # (count, H, L, hd)
+                outs.append(rearrange(out, "b h n d -> (b n) h d"))
+                continue
             out = F.scaled_dot_product_attention(qs, ks, vs)  # (count, H, L, hd)
             outs.append(rearrange(out, "b h n d -> (b n) h d"))  # a view: SDPA writes (b n h d)
         return outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, hd)
@@ -443,7 +481,10 @@ def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Te
                                    strict=True):  # fmt: skip
             qs = rearrange(qs, "(b n) h d -> b h n d", b=run.count)  # (count, H, L, hd)
             ks, vs = (rearrange(s, "b l h d -> b h l d") for s in (ks, vs))  # (count, H, Lt, hd)
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.text_mask)
+            if _use_matmul_attention(qs, ks.shape[-2]):
+                out = matmul_attention(qs, ks, vs, run.text_mask)
+            else:
+                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.text_mask)
             outs.append(rearrange(out, "b h n d -> (b n) h d"))  # (count * L, H, hd)
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, hd)
     elif ctx.backend == "dense_mask":
@@ -465,8 +506,16 @@ def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Te
     return out * ctx.token_has_text[:, :, None].to(out.dtype)  # (N, H, hd)
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in its weight's dtype: under CPU bf16 autocast a bf16 input would
+    miss the fused kernel (fp32 weight), so it is normalised in fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.to(self.weight.dtype))
+
+
 def _qk_norm(cfg: DiTConfig) -> nn.Module:
-    return nn.RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
+    return RMSNorm(cfg.head_dim, eps=1e-6) if cfg.qk_norm else nn.Identity()
 
 
 class SelfAttention(nn.Module):
