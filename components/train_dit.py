@@ -30,7 +30,7 @@ the resolution-aware shift, per-token loss averaged per clip, text dropout for C
 **Logging** (rank 0 → the step's MLflow run): ``loss`` and ``loss_t*`` by timestep bucket,
 ``tokens_per_s`` (real tokens), ``mfu`` (model FLOPs of the step from
 :func:`model.dit.train_flops` / step time / measured matmul peak of this machine —
-fp32 on CPU, bf16 on GPU, not a datasheet number), ``lr``, ``grad_norm``, and ``val_loss``: a
+in the training precision, not a datasheet number), ``lr``, ``grad_norm``, and ``val_loss``: a
 deterministic loss on fixed held-out clips with fixed timesteps and noise.
 
 **Outputs**: DeepSpeed checkpoints (with data position and loss history) in a directory outside
@@ -396,27 +396,21 @@ def validation_loss(
 # --------------------------------------------------------------------------------------------
 
 
+def dit_precision(cfg: TesseraConfig) -> str:
+    """The DiT's training precision: ``auto`` includes bf16 autocast on CPUs with fast bf16."""
+    return precision(cfg.train_dit.train, cpu_auto_bf16=True)
+
+
 def peak_gflops(cfg: TesseraConfig, device: torch.device) -> float:
-    """This process's practical matmul peak in GFLOP/s: the MFU denominator.
-
-    CPU: the fp32 calibration of ``make bench`` (``bench.matmul_size``). GPU: a 4096² matmul in
-    the training precision. A measured peak, not a datasheet number.
+    """This process's practical matmul peak in GFLOP/s, in the training precision: the MFU
+    denominator. An n×n product (n = ``bench.matmul_size`` on CPU, 4096 on GPU), measured here,
+    not a datasheet number.
     """
-    if device.type != "cuda":
-        from components.benchmarks.calibration import matmul_gflops
+    from components.benchmarks.calibration import torch_matmul_gflops
 
-        return matmul_gflops(cfg)[0]
-    dtype = torch.bfloat16 if precision(cfg.train_dit.train) == "bf16" else torch.float32
-    n = 4096
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    start, repeats = time.perf_counter(), 20
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2.0 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    dtype = torch.bfloat16 if dit_precision(cfg) == "bf16" else torch.float32
+    n = 4096 if device.type == "cuda" else cfg.bench.matmul_size
+    return torch_matmul_gflops(n, cfg.bench.warmup, cfg.bench.repeats, dtype, device)
 
 
 def _bucket_index(t: Tensor, num_buckets: int) -> Tensor:
@@ -533,13 +527,13 @@ def worker(payload: dict[str, Any]) -> None:
     buckets = _bucket_names(flow.config.loss_buckets)
     sampler = _make_sample_writer(cfg, payload, val, data, device) if rank == 0 else None
     log.info(
-        "%d train clips (%d images), %d val clips (held out: %s), %s, %d packs/step, "
+        "%d train clips (%d images), %d val clips (held out: %s), %s, %d packs/step, %s, "
         "peak %.1f GFLOP/s", len(data), sum(k == "image" for k in data.kinds), len(val), heldout,
-        tcfg.size, packs_per_step, peak,
+        tcfg.size, packs_per_step, dit_precision(cfg), peak,
     )  # fmt: skip
 
     def evaluate() -> None:
-        with maybe_autocast(train):
+        with maybe_autocast(train, cpu_auto_bf16=True):
             value = validation_loss(trainer.engine, val, flow, tcfg.patch_size, tcfg.token_budget,
                                     cfg.seed, device, rank, world_size)  # fmt: skip
         history["val"].append([trainer.state.step, value])
@@ -611,7 +605,8 @@ def worker(payload: dict[str, Any]) -> None:
         summary = summarize(history, peak, tcfg, finished)
         summary.update(clips_train=len(data), clips_val=len(val), val_heldout=heldout,
                        images_train=sum(k == "image" for k in data.kinds),
-                       packs_per_step=packs_per_step, dit_config=config.to_dict())  # fmt: skip
+                       packs_per_step=packs_per_step, precision=dit_precision(cfg),
+                       dit_config=config.to_dict())  # fmt: skip
         Path(payload["summary"]).write_text(json.dumps(summary, indent=2, default=str))
 
 
@@ -645,7 +640,7 @@ def train_step(
             batch, text, mask = make_batch(data, pack, tcfg.patch_size, tcfg.token_budget,
                                            tcfg.drop_rate, generator,
                                            tcfg.short_caption_rate)  # fmt: skip
-            with maybe_autocast(train):
+            with maybe_autocast(train, cpu_auto_bf16=True):
                 out = flow.training_loss(trainer.engine, batch.to(device), text.to(device),
                                          mask.to(device), generator=generator)  # fmt: skip
             losses.append(out.loss)
@@ -798,7 +793,11 @@ def build_payload(
     vae_dir: Path | None = None,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
-    """What :func:`worker` reads (JSON)."""
+    """What :func:`worker` reads (JSON). On CPU ``precision: auto`` is resolved here, once, so
+    that every rank trains in the same precision."""
+    if cfg.train_dit.train.precision == "auto" and not torch.cuda.is_available():
+        train = dataclasses.replace(cfg.train_dit.train, precision=dit_precision(cfg))
+        cfg = dataclasses.replace(cfg, train_dit=dataclasses.replace(cfg.train_dit, train=train))
     return {
         "cfg": to_dict(cfg),
         "latents": str(latents),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from components.config import TrainConfig, to_dict
-from components.trainer import ResumableSampler, launch, lr_lambda
+from components import trainer
+from components.trainer import ResumableSampler, launch, lr_lambda, maybe_autocast, precision
 
 
 def test_sampler_is_deterministic_sharded_and_resumable():
@@ -26,6 +27,27 @@ def test_lr_schedule_warms_up_then_decays():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert f(55) < f(20)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of precision")
+def test_cpu_bf16_is_autocast_over_fp32_weights():
+    bf16 = TrainConfig(precision="bf16")
+    assert precision(bf16) == "bf16" and not trainer.bf16_weights(bf16)
+    w = torch.ones(3, 3)  # an fp32 weight stays fp32; its matmuls run in bf16
+    with maybe_autocast(bf16):
+        assert (torch.ones(2, 3) @ w).dtype == torch.bfloat16
+    with maybe_autocast(TrainConfig(precision="fp32")):
+        assert (torch.ones(2, 3) @ w).dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of precision")
+def test_auto_precision_on_cpu_follows_the_measured_bf16_speed(monkeypatch):
+    assert trainer.cpu_bf16_speedup() > 0  # measured (cached) on this machine
+    monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: 3.5)  # AVX512-BF16 / AMX
+    assert precision(TrainConfig(), cpu_auto_bf16=True) == "bf16"
+    assert precision(TrainConfig()) == "fp32"  # a trainer that did not opt in (the VAE)
+    monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: 0.3)  # emulated bf16
+    assert precision(TrainConfig(), cpu_auto_bf16=True) == "fp32"
 
 
 def _payload(tmp_path, name, **train):
