@@ -101,7 +101,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     zero_stage: int = 0  # 0-3; ZeRO >= 1 shards optimizer state across processes
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 on CUDA; on CPU the DiT autocasts to bf16 where bf16 matmuls are measured faster
+    # (AVX512-BF16 / AMX), the VAE stays fp32. CPU bf16 = autocast over fp32 weights + optimizer.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     ema_decay: float = 0.0  # 0 disables EMA weights
     num_processes: int = 1  # DeepSpeed processes on this node (gloo on CPU, NCCL on GPU)
     num_workers: int = 0  # DataLoader workers per process
@@ -139,6 +141,7 @@ class TrainVAEConfig:
     lpips_weights: str = ""  # path to LPIPS weights; "" disables the term (nothing is downloaded)
     lpips_weight: float = 0.1  # weight of the LPIPS term (only with lpips_weights)
     holdout: tuple[str, ...] = ("real_carphone", "real_bikes")  # never trained on; reported
+    video_share: float = 0.0  # videos repeated to make at least this share of crops (0: as is)
     val_clips: int = 4
     eval_every: int = 100
     stats_samples: int = 32  # training crops encoded for the latent scale/shift
@@ -146,6 +149,10 @@ class TrainVAEConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=200, micro_batch=2, lr=3e-4, warmup_steps=20)
     )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.video_share < 1.0:
+            raise ValueError(f"train_vae.video_share must be in [0, 1), got {self.video_share}")
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,18 @@ def select_clips(clips: Sequence[Clip], tv: TrainVAEConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- data
 
 
+def balance_kinds(clips: Sequence[Clip], video_share: float) -> list[Clip]:
+    """``clips`` with every video repeated as often as needed for videos to make up at least
+    ``video_share`` of the list (0: as they come). A corpus rich in cheap stills (which the DiT
+    wants) then still trains the VAE's temporal layers on videos most of the time."""
+    videos = sum(c.kind == "video" for c in clips)
+    images = len(clips) - videos
+    if video_share <= 0 or not videos or not images:
+        return list(clips)
+    repeat = max(1, math.ceil(video_share / (1 - video_share) * images / videos))
+    return [c for c in clips for _ in range(repeat if c.kind == "video" else 1)]
+
+
 class CropDataset(torch.utils.data.Dataset):
     """Random ``crop_frames`` x ``crop_size`` crops of native-size clips, keyed by position.
 
@@ -117,7 +129,7 @@ class CropDataset(torch.utils.data.Dataset):
         self.crop_h, self.crop_w = crop_size
         self.seed = seed
         self.cache_budget = cache_mb * 2**20
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[str, np.ndarray] = {}
         self._cached_bytes = 0
 
     def __len__(self) -> int:
@@ -126,12 +138,12 @@ class CropDataset(torch.utils.data.Dataset):
     def _frames(self, index: int, start: int, count: int) -> np.ndarray:
         """(n <= count, H, W, 3) uint8 frames from ``start`` (the whole clip cached if it fits)."""
         clip = self.clips[index]
-        if index in self._cache:
-            return self._cache[index][start:start + count]
+        if clip.uri in self._cache:  # by URI: balance_kinds repeats clips
+            return self._cache[clip.uri][start:start + count]
         size = clip.num_frames * clip.width * clip.height * 3
         if self._cached_bytes + size <= self.cache_budget:
             whole = fr.read_frames(clip.uri, rotation=clip.rotation)
-            self._cache[index] = whole
+            self._cache[clip.uri] = whole
             self._cached_bytes += whole.nbytes
             return whole[start:start + count] if start < len(whole) else whole[-count:]
         try:
@@ -382,7 +394,8 @@ def worker(payload: dict[str, Any]) -> None:
         _load_disc(trainer.checkpoints()[-1], disc, disc_opt, device)
 
     clips = select_clips(read_clips(payload["manifest"]), tv)
-    dataset = CropDataset(clips["train"], tv.crop_frames, tv.crop_size, cfg.seed, tv.cache_mb)
+    dataset = CropDataset(balance_kinds(clips["train"], tv.video_share), tv.crop_frames,
+                          tv.crop_size, cfg.seed, tv.cache_mb)  # fmt: skip
     sampler = PositionedSampler(tr.ResumableSampler(
         len(dataset), seed=cfg.seed, rank=trainer.rank, world_size=trainer.world_size,
         start=trainer.state.samples))  # fmt: skip

@@ -89,6 +89,19 @@ def test_holdout_clips_are_never_trained_on(manifest):
     assert picked["val_source"] == "train"  # the tiny corpus has no val split
 
 
+def test_video_share_repeats_videos_in_an_image_rich_corpus(manifest):
+    train = train_vae.select_clips(frames.read_clips(manifest), load_config("tiny").train_vae)["train"]
+    assert train_vae.balance_kinds(train, 0.0) == train
+    for share in (0.5, 0.8, 0.95):
+        balanced = train_vae.balance_kinds(train, share)
+        videos = [c for c in balanced if c.kind == "video"]
+        assert len(videos) / len(balanced) >= share
+        assert {c.uri for c in balanced} == {c.uri for c in train}  # nothing dropped
+        assert [c for c in balanced if c.kind == "image"] == [c for c in train if c.kind == "image"]
+    with pytest.raises(ValueError, match="video_share must be in"):
+        load_config("tiny", ["train_vae.video_share=1.0"])
+
+
 def test_discriminator_takes_images_and_videos():
     disc = train_vae.PatchDiscriminator3D(channels=8)
     assert disc(torch.zeros(2, 3, 5, 32, 48)).shape == (2, 1, 5, 4, 6)
