@@ -13,6 +13,10 @@ both with random weights, and both get the same latents, timesteps and text stat
   the better of pad-to-max and per-shape batching. Reports real (non-padding) tokens/s and
   real-token fractions. On CPU per-shape batching loses little (no launch overhead, GEMMs stay
   efficient at a few hundred rows), so expect the big gap only against pad-to-max.
+* ``dit.train_bf16``, ``dit.mixed_bf16`` — the same with *both* models under CPU bf16 autocast
+  (fp32 weights and optimizer), run where ``train_dit`` trains in bf16 (``precision: auto`` picks
+  it on CPUs with native bf16 matmuls). Ours then runs attention as bf16 matmuls
+  (``model.dit.matmul_attention``); the peer keeps SDPA. Utilisation is against the bf16 peak.
 * ``dit.sample`` — seconds per denoising step at 17x256x256 and 17x288x160 (9:16) pixels, without
   CFG and with CFG run sequentially (two forwards, as diffusers' ``WanPipeline`` does) or batched
   (cond + uncond in one forward). Ours reuses text keys/values from ``DiT.encode_text`` (once per
@@ -176,11 +180,32 @@ def count_flops(fn: Callable[[], Any]) -> tuple[int, int]:
     return counter.get_total_flops(), attention
 
 
-def matmul_peak(cfg: TesseraConfig) -> float:
-    """This machine's fp32 matmul GFLOP/s right now (torch), as the calibration case measures it."""
-    from components.benchmarks.calibration import matmul_gflops
+def matmul_peak(cfg: TesseraConfig, precision: str = "fp32") -> float:
+    """This machine's matmul GFLOP/s right now (torch) in ``precision``, n = ``bench.matmul_size``."""
+    import torch
 
-    return matmul_gflops(cfg)[0]
+    from components.benchmarks.calibration import torch_matmul_gflops
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch_matmul_gflops(cfg.bench.matmul_size, cfg.bench.warmup, cfg.bench.repeats, dtype)
+
+
+def autocast(precision: str) -> Any:
+    """CPU bf16 autocast for ``"bf16"`` (both models run under it), nothing for ``"fp32"``."""
+    import contextlib
+
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def trains_in_bf16(cfg: TesseraConfig) -> bool:
+    """Whether ``train_dit`` trains in bf16 on this machine (``precision: auto`` decides)."""
+    from components.train_dit import dit_precision
+
+    return dit_precision(cfg) == "bf16"
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +275,9 @@ def _repeats(cfg: TesseraConfig, s: DiTBenchSizes) -> tuple[int, int]:
 
 
 @benchmark("dit.train")
-def dit_train(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
+def dit_train(
+    cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes(), precision: str = "fp32"
+) -> list[BenchRecord]:
     import torch
     import torch.nn.functional as F
 
@@ -271,25 +298,29 @@ def dit_train(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[Be
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, fused=True)
 
-    def step_ours() -> None:
-        out = ours(batch.tokens, batch.coords, batch.cu_seqlens, times, text)  # (N, D)
-        F.mse_loss(out, target_ours).backward()
+    def step_ours(precision: str = precision) -> None:
+        with autocast(precision):
+            out = ours(batch.tokens, batch.coords, batch.cu_seqlens, times, text)  # (N, D)
+        F.mse_loss(out.float(), target_ours).backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    def step_peer() -> None:
-        out = peer(latents, times * 1000, text, return_dict=False)[0]  # (B, C, T, H, W)
-        F.mse_loss(out, target_peer).backward()
+    def step_peer(precision: str = precision) -> None:
+        with autocast(precision):
+            out = peer(latents, times * 1000, text, return_dict=False)[0]  # (B, C, T, H, W)
+        F.mse_loss(out.float(), target_peer).backward()
         opt_peer.step()
         opt_peer.zero_grad(set_to_none=True)
 
     load_before = load_average()
-    peak = matmul_peak(cfg)
-    flops_ours, attn_ours = count_flops(step_ours)  # also warm-up steps
-    flops_peer, attn_peer = count_flops(step_peer)
+    peak = matmul_peak(cfg, precision)
+    # FLOPs are counted in fp32 (the same model FLOPs in either precision; in fp32 both models'
+    # attention runs the flash kernel, which the counter reports separately)
+    flops_ours, attn_ours = count_flops(lambda: step_ours("fp32"))  # also warm-up steps
+    flops_peer, attn_peer = count_flops(lambda: step_peer("fp32"))
     warmup, repeats = cfg.bench.warmup, max(1, cfg.bench.repeats)
     runs = interleaved_times({"ours": step_ours, "peer": step_peer}, warmup, repeats)
-    peak = max(peak, matmul_peak(cfg))  # best of before/after: the least disturbed estimate
+    peak = max(peak, matmul_peak(cfg, precision))  # best of before/after: least disturbed
     sec_ours, sec_peer = statistics.median(runs["ours"]), statistics.median(runs["peer"])
     tokens = batch.num_tokens
     util_ours = flops_ours / sec_ours / 1e9 / peak
@@ -299,7 +330,7 @@ def dit_train(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[Be
         "clips": s.train_clips,
         "latent_thw": list(s.train_latent),
         "tokens_per_step": tokens,
-        "step": "forward + backward + AdamW, fp32",
+        "step": f"forward + backward + AdamW, {_precision_words(precision)}",
         "gflop_per_step_ours": flops_ours / 1e9,
         "gflop_per_step_peer": flops_peer / 1e9,
         "attention_gflop_per_step_ours": attn_ours / 1e9,  # the stock counter misses these
@@ -314,12 +345,27 @@ def dit_train(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[Be
         "load_average": [load_before, load_average()],
         "torch_threads": torch.get_num_threads(),
     }
+    case = _case_name("dit.train", precision)
     return [
-        BenchRecord("dit.train.tokens_per_s", tokens / sec_ours, "tokens/s", PEER,
+        BenchRecord(f"{case}.tokens_per_s", tokens / sec_ours, "tokens/s", PEER,
                     tokens / sec_peer, extra=extra),  # fmt: skip
-        BenchRecord("dit.train.utilisation", 100 * util_ours, "% fp32 peak", PEER,
+        BenchRecord(f"{case}.utilisation", 100 * util_ours, f"% {precision} peak", PEER,
                     100 * util_peer, extra=extra),  # fmt: skip
     ]
+
+
+@benchmark("dit.train_bf16")
+def dit_train_bf16(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
+    """``dit.train`` with both models under bf16 autocast, where training runs in bf16 here."""
+    return dit_train(cfg, s, "bf16") if trains_in_bf16(cfg) else []
+
+
+def _case_name(base: str, precision: str) -> str:
+    return base if precision == "fp32" else f"{base}_{precision}"
+
+
+def _precision_words(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "CPU bf16 autocast (fp32 weights and optimizer)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +401,9 @@ def _per_shape_batches(grids: list[Grid], s: DiTBenchSizes) -> list[list[int]]:
 
 
 @benchmark("dit.mixed")
-def dit_mixed(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
+def dit_mixed(
+    cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes(), precision: str = "fp32"
+) -> list[BenchRecord]:
     import torch
     import torch.nn.functional as F
 
@@ -399,14 +447,17 @@ def dit_mixed(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[Be
     # accumulation), one AdamW step, so every strategy pays the optimizer once.
     def pass_ours(inputs: list[tuple[Any, ...]] = ours_inputs) -> None:
         for p, t, txt, target in inputs:
-            out = ours(p.tokens, p.coords, p.cu_seqlens, t, txt)  # (N, D)
-            F.mse_loss(out, target).backward()
+            with autocast(precision):
+                out = ours(p.tokens, p.coords, p.cu_seqlens, t, txt)  # (N, D)
+            F.mse_loss(out.float(), target).backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
     def pass_peer(inputs: list[tuple[Any, ...]]) -> None:
         for lat, t, txt, target in inputs:
-            F.mse_loss(peer(lat, t, txt, return_dict=False)[0], target).backward()
+            with autocast(precision):
+                out = peer(lat, t, txt, return_dict=False)[0]  # (B, C, T, H, W)
+            F.mse_loss(out.float(), target).backward()
         opt_peer.step()
         opt_peer.zero_grad(set_to_none=True)
 
@@ -441,7 +492,8 @@ def dit_mixed(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[Be
         "images": sum(1 for g in grids if g[0] == 1),
         "real_tokens": real,
         "token_budget": s.mixed_token_budget,
-        "pass": "forward + backward per batch, one AdamW step per pass (gradient accumulation)",
+        "pass": "forward + backward per batch, one AdamW step per pass (gradient accumulation), "
+        f"{_precision_words(precision)}",
         "ours_packs": len(packs),
         "ours_real_fraction_of_budget": frac_ours,
         "pad_batches": len(pad_batches),
@@ -455,13 +507,19 @@ def dit_mixed(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[Be
         "timing": {k: timing_summary(v) for k, v in runs.items()},
         "load_average": [load_before, load_average()],
     }
-    peer_name = f"{PEER} ({extra['peer_best']})"
+    peer_name, case = f"{PEER} ({extra['peer_best']})", _case_name("dit.mixed", precision)
     return [
-        BenchRecord("dit.mixed.real_tokens_per_s", real / sec["ours"], "real tokens/s", peer_name,
+        BenchRecord(f"{case}.real_tokens_per_s", real / sec["ours"], "real tokens/s", peer_name,
                     real / sec[best], extra=extra),  # fmt: skip
-        BenchRecord("dit.mixed.real_token_fraction", frac_ours, "of budget slots",
+        BenchRecord(f"{case}.real_token_fraction", frac_ours, "of budget slots",
                     f"{PEER} (pad-to-max)", frac_pad, extra=extra),  # fmt: skip
     ]
+
+
+@benchmark("dit.mixed_bf16")
+def dit_mixed_bf16(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
+    """``dit.mixed`` with both models under bf16 autocast, where training runs in bf16 here."""
+    return dit_mixed(cfg, s, "bf16") if trains_in_bf16(cfg) else []
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ def check(records: list[BenchRecord], prefix: str, count: int) -> None:
 
 
 def test_cases_are_registered():
-    assert {"dit.train", "dit.mixed", "dit.sample", "vae.codec"} <= set(load_cases())
+    assert {"dit.train", "dit.train_bf16", "dit.mixed", "dit.mixed_bf16", "dit.sample",
+            "vae.codec", "calibration.matmul_bf16"} <= set(load_cases())
 
 
 def test_dit_train_tiny():
@@ -34,6 +35,15 @@ def test_dit_train_tiny():
     assert extra["gflop_per_step_ours"] > extra["attention_gflop_per_step_ours"] > 0
     assert extra["gflop_per_step_peer"] > extra["attention_gflop_per_step_peer"] > 0
     assert 0 < extra["utilisation_ours"] and 0 < extra["utilisation_peer"]
+
+
+def test_dit_bf16_cases_tiny():
+    """Both models under CPU bf16 autocast (run on any CPU here: tiny sizes, correctness only)."""
+    train = dit.dit_train(CFG, dit.TINY, "bf16")
+    check(train, "dit.train_bf16.", 2)
+    assert train[1].unit == "% bf16 peak"
+    assert "bf16" in train[0].extra["step"]
+    check(dit.dit_mixed(CFG, dit.TINY, "bf16"), "dit.mixed_bf16.", 2)
 
 
 def test_count_flops_includes_cpu_attention():
