@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from components.config import TrainConfig, to_dict
 from components import trainer
+from components.config import TrainConfig, to_dict
 from components.trainer import ResumableSampler, launch, lr_lambda, maybe_autocast, precision
 
 
