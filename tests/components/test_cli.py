@@ -42,7 +42,9 @@ def test_bench_writes_results(tessera_home):
     )
     assert result.exit_code == 0, result.output
     records = json.loads((tessera_home / "bench" / "results.json").read_text())
-    (record,) = records
-    assert record["name"] == "calibration.matmul_fp32" and record["value"] > 0
-    assert record["peer"] == "numpy.matmul" and record["ratio"] > 0
+    by_name = {r["name"]: r for r in records}
+    assert sorted(by_name) == ["calibration.matmul_bf16", "calibration.matmul_fp32"]
+    record = by_name["calibration.matmul_fp32"]
+    assert record["value"] > 0 and record["peer"] == "numpy.matmul" and record["ratio"] > 0
     assert record["machine"]["cores"] >= 1
+    assert by_name["calibration.matmul_bf16"]["peer"] == "torch.matmul fp32"
