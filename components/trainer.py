@@ -222,15 +222,10 @@ CPU_BF16_MIN_SPEEDUP = 1.5
 @functools.cache
 def cpu_bf16_speedup(n: int = 512, repeats: int = 8) -> float:
     """Measured bf16 / fp32 matmul throughput of this CPU (n×n products, current threads)."""
-    seconds = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        seconds[dtype] = time.perf_counter() - start
-    return seconds[torch.float32] / seconds[torch.bfloat16]
+    from components.benchmarks.calibration import torch_matmul_gflops
+
+    bf16 = torch_matmul_gflops(n, 1, repeats, torch.bfloat16)
+    return bf16 / torch_matmul_gflops(n, 1, repeats)
 
 
 def bf16_weights(train: TrainConfig) -> bool:
