@@ -401,6 +401,18 @@ def dit_precision(cfg: TesseraConfig) -> str:
     return precision(cfg.train_dit.train, cpu_auto_bf16=True)
 
 
+def resolve_precision(cfg: TesseraConfig) -> TesseraConfig:
+    """``cfg`` with the DiT's ``precision: auto`` replaced by :func:`dit_precision` on CPU.
+
+    The launcher resolves it once (:func:`build_payload`), so every rank trains in the same
+    precision; on CUDA each worker resolves ``auto`` on its own device.
+    """
+    if cfg.train_dit.train.precision != "auto" or torch.cuda.is_available():
+        return cfg
+    train = dataclasses.replace(cfg.train_dit.train, precision=dit_precision(cfg))
+    return dataclasses.replace(cfg, train_dit=dataclasses.replace(cfg.train_dit, train=train))
+
+
 def peak_gflops(cfg: TesseraConfig, device: torch.device) -> float:
     """This process's practical matmul peak in GFLOP/s, in the training precision: the MFU
     denominator. An n×n product (n = ``bench.matmul_size`` on CPU, 4096 on GPU), measured here,
@@ -494,7 +506,7 @@ def worker(payload: dict[str, Any]) -> None:
     ``out_dir`` (rank 0 writes ``dit/`` and the summary there), ``mlflow_run_id``, ``vae_dir``
     (or None), ``stop_at`` (optional: stop after this many steps, as if killed — tests).
     """
-    cfg: TesseraConfig = from_dict(TesseraConfig, payload["cfg"])
+    cfg = resolve_precision(from_dict(TesseraConfig, payload["cfg"]))  # a no-op after the launcher
     tcfg, train = cfg.train_dit, cfg.train_dit.train
     init_distributed(train)
     rank, world_size = world()
@@ -529,11 +541,11 @@ def worker(payload: dict[str, Any]) -> None:
     log.info(
         "%d train clips (%d images), %d val clips (held out: %s), %s, %d packs/step, %s, "
         "peak %.1f GFLOP/s", len(data), sum(k == "image" for k in data.kinds), len(val), heldout,
-        tcfg.size, packs_per_step, dit_precision(cfg), peak,
+        tcfg.size, packs_per_step, precision(train), peak,
     )  # fmt: skip
 
     def evaluate() -> None:
-        with maybe_autocast(train, cpu_auto_bf16=True):
+        with maybe_autocast(train):
             value = validation_loss(trainer.engine, val, flow, tcfg.patch_size, tcfg.token_budget,
                                     cfg.seed, device, rank, world_size)  # fmt: skip
         history["val"].append([trainer.state.step, value])
@@ -605,7 +617,7 @@ def worker(payload: dict[str, Any]) -> None:
         summary = summarize(history, peak, tcfg, finished)
         summary.update(clips_train=len(data), clips_val=len(val), val_heldout=heldout,
                        images_train=sum(k == "image" for k in data.kinds),
-                       packs_per_step=packs_per_step, precision=dit_precision(cfg),
+                       packs_per_step=packs_per_step, precision=precision(train),
                        dit_config=config.to_dict())  # fmt: skip
         Path(payload["summary"]).write_text(json.dumps(summary, indent=2, default=str))
 
@@ -640,7 +652,7 @@ def train_step(
             batch, text, mask = make_batch(data, pack, tcfg.patch_size, tcfg.token_budget,
                                            tcfg.drop_rate, generator,
                                            tcfg.short_caption_rate)  # fmt: skip
-            with maybe_autocast(train, cpu_auto_bf16=True):
+            with maybe_autocast(train):
                 out = flow.training_loss(trainer.engine, batch.to(device), text.to(device),
                                          mask.to(device), generator=generator)  # fmt: skip
             losses.append(out.loss)
@@ -793,13 +805,9 @@ def build_payload(
     vae_dir: Path | None = None,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
-    """What :func:`worker` reads (JSON). On CPU ``precision: auto`` is resolved here, once, so
-    that every rank trains in the same precision."""
-    if cfg.train_dit.train.precision == "auto" and not torch.cuda.is_available():
-        train = dataclasses.replace(cfg.train_dit.train, precision=dit_precision(cfg))
-        cfg = dataclasses.replace(cfg, train_dit=dataclasses.replace(cfg.train_dit, train=train))
+    """What :func:`worker` reads (JSON), with the precision resolved (:func:`resolve_precision`)."""
     return {
-        "cfg": to_dict(cfg),
+        "cfg": to_dict(resolve_precision(cfg)),
         "latents": str(latents),
         "out_dir": str(out_dir),
         "checkpoint_dir": str(checkpoint_dir),

@@ -436,9 +436,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def maybe_autocast(train: TrainConfig, cpu_auto_bf16: bool = False) -> Iterator[None]:
+def maybe_autocast(train: TrainConfig) -> Iterator[None]:
     """bf16 autocast on the training device when :func:`precision` says bf16."""
-    if precision(train, cpu_auto_bf16) == "bf16":
+    if precision(train) == "bf16":
         with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16):
             yield
     else:
