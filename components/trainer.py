@@ -83,9 +83,19 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
 
 
 def _worker_main(entry: str, payload_path: str) -> None:
+    import torch.distributed as dist
+
     module_name, _, fn_name = entry.partition(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
-    fn(json.loads(Path(payload_path).read_text()))
+    try:
+        fn(json.loads(Path(payload_path).read_text()))
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears down its group while another still talks to it
+    finally:
+        # Without this, gloo's worker threads outlive the interpreter and the exit aborts
+        # ("terminate called without an active exception", SIGABRT) now and then.
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- distributed
