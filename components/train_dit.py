@@ -49,7 +49,6 @@ import shutil
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ from torch import Tensor
 
 from components import storage
 from components.config import (
-    Environment,
     TesseraConfig,
     TrainDiTConfig,
     from_dict,
@@ -778,23 +776,6 @@ def _check_checkpoint_matches(checkpoint_dir: Path, config: DiTConfig) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def default_checkpoint_dir() -> Path:
-    """``$TESSERA_HOME/checkpoints/<pipeline run id>/<step>`` of the active MLflow step run.
-
-    The pipeline run id and step name survive a task retry, so the retry finds the checkpoints.
-    Without an active run the directory is fresh (nothing to resume).
-    """
-    import mlflow
-
-    home = Environment.read().home / "checkpoints"
-    active = mlflow.active_run()
-    if active is None:
-        return home / f"untracked-{uuid.uuid4().hex[:12]}" / "train_dit"
-    tags = mlflow.MlflowClient().get_run(active.info.run_id).data.tags
-    run_key = tags.get("tessera.run_id") or active.info.run_id
-    return home / run_key / tags.get("tessera.step", "train_dit")
-
-
 def build_payload(
     cfg: TesseraConfig,
     latents: str,
@@ -836,16 +817,17 @@ def run(
     cfg: TesseraConfig,
     workdir: Path,
     latents: str,
+    checkpoint_dir: str | Path,
     vae: str | None = None,
-    checkpoint_dir: str | Path | None = None,
 ) -> StepResult:
     """Train the DiT on ``latents`` (the encode output) with DeepSpeed; see the module docstring.
 
     Args:
         latents: directory / URI with ``index.parquet`` and the safetensors shards.
+        checkpoint_dir: where DeepSpeed checkpoints go, outside ``workdir`` so that a retried
+            task resumes from them (:func:`components.runner.checkpoint_dir`).
         vae: the train_vae output (a VAE directory); enables samples every
             ``train_dit.sample_every`` steps and at the end. Without it no samples are made.
-        checkpoint_dir: where DeepSpeed checkpoints go; default :func:`default_checkpoint_dir`.
 
     Returns:
         ``files={"dit": "dit"}`` (DiT.save_pretrained + flow.json) and the run's numbers; with a
@@ -856,7 +838,7 @@ def run(
 
     workdir = Path(workdir)
     active = mlflow.active_run()
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir()
+    ckpt = Path(checkpoint_dir)
     tmp = Path(tempfile.mkdtemp(prefix="tessera-vae-"))
     try:
         vae_dir, skipped = _samples_vae(vae, tmp)

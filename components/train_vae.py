@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +51,7 @@ from torch import nn
 
 from components import frames as fr
 from components import storage
-from components.config import Environment, TesseraConfig, TrainVAEConfig, from_dict, to_dict
+from components.config import TesseraConfig, TrainVAEConfig, from_dict, to_dict
 from components.frames import Clip, read_clips
 from components.runner import StepResult
 from model.vae import CausalVAE, build_vae, compute_latent_stats
@@ -582,27 +580,6 @@ def _json_number(value: Any) -> Any:
 # --------------------------------------------------------------------------- the pipeline step
 
 
-def default_checkpoint_dir(workdir: Path) -> Path:
-    """``$TESSERA_HOME/checkpoints/<pipeline run id>/train_vae``, stable across task retries.
-
-    The run id comes from the active MLflow step run's ``tessera.run_id`` tag, else from the
-    staging directory's place in the store (``{store}/runs/{run_id}/.train_vae.staging-…``);
-    failing both (an untracked S3 run) the directory is fresh and nothing is resumed.
-    """
-    import mlflow
-
-    home = Environment.read().home / "checkpoints"
-    active = mlflow.active_run()
-    if active is not None:
-        tags = mlflow.MlflowClient().get_run(active.info.run_id).data.tags
-        if tags.get("tessera.run_id"):
-            return home / tags["tessera.run_id"] / tags.get("tessera.step", STEP)
-    staged = re.fullmatch(r"\.(.+)\.staging-[0-9a-f]+", Path(workdir).name)
-    if staged:
-        return home / Path(workdir).parent.name / staged.group(1)
-    return home / f"untracked-{uuid.uuid4().hex[:12]}" / STEP
-
-
 def build_payload(cfg: TesseraConfig, manifest: str, out_dir: Path, checkpoint_dir: Path, *,
                   mlflow_run_id: str | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """What :func:`worker` reads (JSON). ``stop_at``: stop after that step with a checkpoint,
@@ -644,12 +621,13 @@ def load_vae(uri: str, device: str | torch.device = "cpu") -> CausalVAE:
 
 
 def run(cfg: TesseraConfig, workdir: Path, manifest: str,
-        checkpoint_dir: str | Path | None = None) -> StepResult:
+        checkpoint_dir: str | Path) -> StepResult:
     """Train the VAE on ``manifest`` with DeepSpeed; see the module docstring.
 
     Args:
         manifest: URI of the (validated) manifest Parquet.
-        checkpoint_dir: where DeepSpeed checkpoints go; default :func:`default_checkpoint_dir`.
+        checkpoint_dir: where DeepSpeed checkpoints go, outside ``workdir`` so that a retried
+            task resumes from them (:func:`components.runner.checkpoint_dir`).
 
     Returns:
         ``files={"vae": "vae"}`` (``CausalVAE.save_pretrained`` with the latent scale/shift)
@@ -661,7 +639,7 @@ def run(cfg: TesseraConfig, workdir: Path, manifest: str,
     tv = cfg.train_vae
     check_config(tv)
     active = mlflow.active_run()
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else default_checkpoint_dir(workdir)
+    ckpt = Path(checkpoint_dir)
     payload = build_payload(cfg, manifest, workdir, ckpt,
                             mlflow_run_id=active.info.run_id if active else None)
     from components.trainer import launch

@@ -198,12 +198,14 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 def test_training_learns_logs_and_exports_a_loadable_model(latents, tessera_home):
     import mlflow
 
-    from components.runner import RunContext, run_step
+    from components.runner import RunContext, checkpoint_dir, run_step
 
     cfg = tiny_cfg("train_dit.train.steps=40", "train_dit.eval_every=20",
                    "train_dit.train.checkpoint_every=20", "train_dit.train.ema_decay=0.5",
                    "train_dit.drop_rate=0.1")  # fmt: skip
-    out = run_step("train_dit", train_dit.run, cfg, RunContext("run-1", "test"), latents=latents)
+    ctx = RunContext("run-1", "test")
+    out = run_step("train_dit", train_dit.run, cfg, ctx, latents=latents,
+                   checkpoint_dir=checkpoint_dir(ctx, "train_dit"))
     assert out["steps"] == 40
     assert out["val_loss"] < 0.8 * out["initial_val_loss"]  # it learns (overfit setting)
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["train_seconds"] > 0
@@ -294,7 +296,7 @@ def test_samples_at_every_aspect_ratio_go_to_mlflow(tessera_home, tmp_path):
     pytest.importorskip("model.generate", reason="model/generate.py (VideoGenerator) is not here")
     import mlflow
 
-    from components.runner import RunContext, run_step
+    from components.runner import RunContext, checkpoint_dir, run_step
     from model.vae import build_vae
 
     build_vae("vae-tiny").save_pretrained(tmp_path / "vae")  # 4 latent channels
@@ -303,7 +305,8 @@ def test_samples_at_every_aspect_ratio_go_to_mlflow(tessera_home, tmp_path):
                    "train_dit.sample_frames=5", "train_dit.sample_pixels=1024",
                    "train_dit.sample_steps=2")  # fmt: skip
     ctx = RunContext("run-samples", "test")
-    out = run_step("train_dit", train_dit.run, cfg, ctx, latents=root, vae=str(tmp_path / "vae"))
+    out = run_step("train_dit", train_dit.run, cfg, ctx, latents=root, vae=str(tmp_path / "vae"),
+                   checkpoint_dir=checkpoint_dir(ctx, "train_dit"))
     assert out["samples"] == 2 * 4 * 2  # (step 1, final) x 4 aspects x 2 prompts
     client = mlflow.MlflowClient()
     listed = client.list_artifacts(out["mlflow_run_id"], "samples/final")

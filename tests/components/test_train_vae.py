@@ -12,7 +12,7 @@ import torch
 
 from components import frames, train_vae
 from components.config import load_config
-from components.runner import RunContext, run_step
+from components.runner import RunContext, checkpoint_dir, run_step
 from components.trainer import ResumableSampler, launch
 from model.vae import CausalVAE
 from tests.components.vae_corpus import make_corpus, subset
@@ -134,12 +134,6 @@ def test_config_errors_name_the_setting():
         train_vae.check_config(load_config("tiny", ["train_vae.train.zero_stage=3"]).train_vae)
 
 
-def test_checkpoints_live_outside_the_staging_dir(tessera_home):
-    staged = tessera_home / "store" / "runs" / "run-1" / ".train_vae.staging-0a1b2c3d"
-    assert train_vae.default_checkpoint_dir(staged) == tessera_home / "checkpoints" / "run-1" / \
-        "train_vae"
-
-
 def test_comparison_video_has_three_panels(tmp_path):
     video = torch.rand(3, 5, 18, 22) * 2 - 1
     path = frames.write_comparison(tmp_path / "cmp.mp4", video, video * 0.5, fps=8)
@@ -161,7 +155,9 @@ def test_overfits_few_clips_and_logs_reconstructions(manifest, tessera_home, tmp
     cfg = load_config("tiny", [*TINY, "train_vae.latent_channels=16", "train_vae.train.steps=80",
                                "train_vae.train.lr=0.003", "train_vae.train.log_every=10",
                                "train_vae.eval_every=40", "train_vae.train.checkpoint_every=40"])
-    out = run_step("train_vae", train_vae.run, cfg, RunContext("overfit", "test"), manifest=few)
+    ctx = RunContext("overfit", "test")
+    ckpt = checkpoint_dir(ctx, "train_vae")
+    out = run_step("train_vae", train_vae.run, cfg, ctx, manifest=few, checkpoint_dir=ckpt)
 
     assert out["steps"] == 80 and out["final_loss"] < 0.6 * out["initial_loss"], out
     assert set(out["holdout"]) == {"real_bikes", "real_carphone"}
@@ -187,7 +183,7 @@ def test_overfits_few_clips_and_logs_reconstructions(manifest, tessera_home, tmp
         frame = next(box.decode(video=0))
     held = out["holdout"]["real_bikes"]
     assert (frame.width, frame.height) == (3 * held["width"], held["height"])
-    again = run_step("train_vae", train_vae.run, cfg, RunContext("overfit", "test"), manifest=few)
+    again = run_step("train_vae", train_vae.run, cfg, ctx, manifest=few, checkpoint_dir=ckpt)
     assert again == out  # committed: a re-run is a no-op
 
 
