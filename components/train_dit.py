@@ -73,6 +73,7 @@ from components.trainer import (
     launch,
     maybe_autocast,
     precision,
+    resolve_precision,
     world,
 )
 from model.diffusion import FlowConfig, FlowMatching
@@ -394,23 +395,6 @@ def validation_loss(
 # --------------------------------------------------------------------------------------------
 
 
-def dit_precision(cfg: TesseraConfig) -> str:
-    """The DiT's training precision: ``auto`` includes bf16 autocast on CPUs with fast bf16."""
-    return precision(cfg.train_dit.train, cpu_auto_bf16=True)
-
-
-def resolve_precision(cfg: TesseraConfig) -> TesseraConfig:
-    """``cfg`` with the DiT's ``precision: auto`` replaced by :func:`dit_precision` on CPU.
-
-    The launcher resolves it once (:func:`build_payload`), so every rank trains in the same
-    precision; on CUDA each worker resolves ``auto`` on its own device.
-    """
-    if cfg.train_dit.train.precision != "auto" or torch.cuda.is_available():
-        return cfg
-    train = dataclasses.replace(cfg.train_dit.train, precision=dit_precision(cfg))
-    return dataclasses.replace(cfg, train_dit=dataclasses.replace(cfg.train_dit, train=train))
-
-
 def peak_gflops(cfg: TesseraConfig, device: torch.device) -> float:
     """This process's practical matmul peak in GFLOP/s, in the training precision: the MFU
     denominator. An n×n product (n = ``bench.matmul_size`` on CPU, 4096 on GPU), measured here,
@@ -418,7 +402,7 @@ def peak_gflops(cfg: TesseraConfig, device: torch.device) -> float:
     """
     from components.benchmarks.calibration import torch_matmul_gflops
 
-    dtype = torch.bfloat16 if dit_precision(cfg) == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision(cfg.train_dit.train) == "bf16" else torch.float32
     n = 4096 if device.type == "cuda" else cfg.bench.matmul_size
     return torch_matmul_gflops(n, cfg.bench.warmup, cfg.bench.repeats, dtype, device)
 
@@ -504,7 +488,7 @@ def worker(payload: dict[str, Any]) -> None:
     ``out_dir`` (rank 0 writes ``dit/`` and the summary there), ``mlflow_run_id``, ``vae_dir``
     (or None), ``stop_at`` (optional: stop after this many steps, as if killed — tests).
     """
-    cfg = resolve_precision(from_dict(TesseraConfig, payload["cfg"]))  # a no-op after the launcher
+    cfg = from_dict(TesseraConfig, payload["cfg"])  # precision resolved by build_payload
     tcfg, train = cfg.train_dit, cfg.train_dit.train
     init_distributed(train)
     rank, world_size = world()

@@ -224,8 +224,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
     x = rearrange(x.float(), "b c t h w -> (b t) c h w")
     y = rearrange(y.float(), "b c t h w -> (b t) c h w")
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    # fp32 even under autocast: the variances are differences of near-equal blurs, which bf16
+    # convolutions round to <= -c2 (SSIM inf, then NaN gradients)
+    with torch.autocast(x.device.type, enabled=False):
+        mx, my = blur(x), blur(y)
+        vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
     ssim_map = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
     per_frame = ssim_map.mean(dim=(1, 2, 3))  # (B * T,)
     return rearrange(per_frame, "(b t) -> b t", b=b).mean(dim=1)  # (B,)
@@ -414,25 +417,27 @@ def worker(payload: dict[str, Any]) -> None:
     while trainer.state.step < stop_at:
         batch = next(batches)
         x, valid = batch["video"].to(device), batch["valid"]
-        with tr.maybe_autocast(train):
+        with tr.maybe_autocast(train):  # the networks; losses in fp32 (bf16 SSIM went inf)
             recon, posterior = trainer.engine(x)
-            terms = reconstruction_losses(x, recon.float(), valid, perceptual)
-            kl = posterior.kl().mean()
-            loss = tv.l1_weight * terms["l1"] + tv.ssim_weight * (1 - terms["ssim"]) \
-                + tv.kl_weight * kl
-            if perceptual is not None:
-                loss = loss + tv.lpips_weight * terms["lpips"]
-            adversarial = disc is not None and trainer.state.step >= tv.disc_start
-            if adversarial:
-                disc.requires_grad_(False)
-                g_adv = -disc(recon).mean()  # hinge generator loss
-                disc.requires_grad_(True)
-                loss = loss + tv.disc_weight * g_adv
+        terms = reconstruction_losses(x, recon.float(), valid, perceptual)
+        kl = posterior.kl().mean()
+        loss = tv.l1_weight * terms["l1"] + tv.ssim_weight * (1 - terms["ssim"]) \
+            + tv.kl_weight * kl
+        if perceptual is not None:
+            loss = loss + tv.lpips_weight * terms["lpips"]
+        adversarial = disc is not None and trainer.state.step >= tv.disc_start
+        if adversarial:
+            disc.requires_grad_(False)
+            with tr.maybe_autocast(train):
+                g_adv = -disc(recon).float().mean()  # hinge generator loss
+            disc.requires_grad_(True)
+            loss = loss + tv.disc_weight * g_adv
         stepped = trainer.backward_step(loss)
         record = {"loss": loss.item(), "kl": kl.item(), **{k: v.item() for k, v in terms.items()}}
         if adversarial:
             with tr.maybe_autocast(train):
-                d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()
+                real, fake = disc(x).float(), disc(recon.detach()).float()
+            d_loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             _sync_grads(disc)
@@ -480,7 +485,8 @@ def worker(payload: dict[str, Any]) -> None:
         return  # stopped early on purpose (stop_at), or not the rank that writes outputs
     final = {"initial_loss": initial_loss, "final_loss": last.get("loss"),
              "frames_per_s": last.get("frames_per_s"), "samples_per_s": last.get("samples_per_s"),
-             "step_time_s": last.get("step_time_s"), "loop_seconds": train_time}  # fmt: skip
+             "step_time_s": last.get("step_time_s"), "loop_seconds": train_time,
+             "precision": tr.precision(train)}  # fmt: skip
     _finish(cfg, payload, trainer, clips, val_views, dataset, final)
 
 
@@ -583,8 +589,11 @@ def _json_number(value: Any) -> Any:
 def build_payload(cfg: TesseraConfig, manifest: str, out_dir: Path, checkpoint_dir: Path, *,
                   mlflow_run_id: str | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """What :func:`worker` reads (JSON). ``stop_at``: stop after that step with a checkpoint,
-    as a pre-empted run would, without writing the model."""
-    return {"cfg": to_dict(cfg), "manifest": str(manifest), "out_dir": str(out_dir),
+    as a pre-empted run would, without writing the model. The precision is resolved
+    (:func:`components.trainer.resolve_precision`)."""
+    from components.trainer import resolve_precision
+
+    return {"cfg": to_dict(resolve_precision(cfg)), "manifest": str(manifest), "out_dir": str(out_dir),
             "checkpoint_dir": str(checkpoint_dir), "mlflow_run_id": mlflow_run_id,
             "stop_at": stop_at}  # fmt: skip
 
@@ -659,8 +668,8 @@ def run(cfg: TesseraConfig, workdir: Path, manifest: str,
     metrics = {k: numbers[k] for k in ("initial_loss", "final_loss", "train_seconds") if k in numbers}
     values = {**numbers, "steps": result["steps"], "holdout": result["holdout"],
               "val_source": result["val_source"], "parameters": result["parameters"],
-              "checkpoint_dir": str(ckpt), "reconstructions": result["reconstructions"]}  # fmt: skip
-    print(f"train_vae: {result['steps']} steps in {seconds:.0f}s, loss "
+              "precision": result["precision"], "checkpoint_dir": str(ckpt), "reconstructions": result["reconstructions"]}  # fmt: skip
+    print(f"train_vae: {result['steps']} steps in {seconds:.0f}s ({result['precision']}), loss "
           f"{result.get('initial_loss') or math.nan:.4f} -> {result.get('final_loss') or math.nan:.4f}, "
           f"val PSNR {result['val_psnr']:.2f} dB, holdout PSNR "
           f"{result.get('holdout_psnr', math.nan):.2f} dB; scale {result['latent_scale']:.4f}, "

@@ -27,14 +27,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from components.config import Environment, TrainConfig
+from components.config import Environment, TesseraConfig, TrainConfig
 
 # Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
 # progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
@@ -43,6 +43,10 @@ PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"[rank0]:", b"Traceback")
 
 class TrainingFailed(RuntimeError):
     """A training process exited with an error; the message points at its log."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss went non-finite; raised before it reaches the weights or a checkpoint."""
 
 
 # --------------------------------------------------------------------------- launching
@@ -209,19 +213,35 @@ def lr_lambda(train: TrainConfig):
     return factor
 
 
-def precision(train: TrainConfig, cpu_auto_bf16: bool = False) -> str:
+def precision(train: TrainConfig) -> str:
     """``bf16`` or ``fp32``: the matmul precision of training.
 
-    ``auto`` is bf16 on CUDA GPUs that support it; on CPU it is bf16 only for a trainer that opts
-    in with ``cpu_auto_bf16`` (the DiT) and only where bf16 matmuls are measured to be faster.
-    The VAE stays fp32 on CPU: under CPU bf16 autocast its losses turned NaN within 20 steps.
+    ``auto`` is bf16 on CUDA GPUs that support it, and on CPUs whose bf16 matmuls are measured to
+    be at least :data:`CPU_BF16_MIN_SPEEDUP` times faster than fp32 ones.
     """
     if train.precision != "auto":
         return train.precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    fast = cpu_auto_bf16 and cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP
-    return "bf16" if fast else "fp32"
+    return "bf16" if cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else "fp32"
+
+
+def resolve_precision(cfg: TesseraConfig) -> TesseraConfig:
+    """``cfg`` with the trainers' CPU ``precision: auto`` replaced by :func:`precision`.
+
+    The launchers resolve it once (the steps' ``build_payload``), so every rank trains in the
+    same precision even if their timings differ; on CUDA each worker resolves ``auto`` on its
+    own device.
+    """
+    if torch.cuda.is_available():
+        return cfg
+
+    def resolved(section: Any) -> Any:
+        if section.train.precision != "auto":
+            return section
+        return replace(section, train=replace(section.train, precision=precision(section.train)))
+
+    return replace(cfg, train_vae=resolved(cfg.train_vae), train_dit=resolved(cfg.train_dit))
 
 
 # auto picks bf16 on a CPU whose bf16 matmuls are at least this much faster than fp32 ones: CPUs
@@ -310,7 +330,18 @@ class Trainer:
     # ---------------------------------------------------------------- stepping
 
     def backward_step(self, loss: torch.Tensor) -> bool:
-        """Backward + (at accumulation boundaries) optimizer step; True when a step happened."""
+        """Backward + (at accumulation boundaries) optimizer step; True when a step happened.
+
+        A non-finite ``loss`` raises :class:`TrainingDiverged` before anything is applied, so the
+        checkpoints stay clean and a retry with a fix resumes from the last one.
+        """
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(
+                f"the loss is {loss.item()} at step {self.state.step + 1} (rank {self.rank}); "
+                "nothing of this step was applied. Lower train.lr or raise train.warmup_steps "
+                "(under bf16 also try train.precision=fp32), then retry: it resumes from the "
+                f"last checkpoint in {self.checkpoint_dir}"
+            )
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:

@@ -203,9 +203,9 @@ def autocast(precision: str) -> Any:
 
 def trains_in_bf16(cfg: TesseraConfig) -> bool:
     """Whether ``train_dit`` trains in bf16 on this machine (``precision: auto`` decides)."""
-    from components.train_dit import dit_precision
+    from components.trainer import precision
 
-    return dit_precision(cfg) == "bf16"
+    return precision(cfg.train_dit.train) == "bf16"
 
 
 # --------------------------------------------------------------------------------------------

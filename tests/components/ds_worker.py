@@ -34,6 +34,8 @@ def train(payload: dict) -> list[float]:
     while trainer.state.step < stop_at:
         idx = [next(sampler) for _ in range(train_cfg.micro_batch)]
         loss = torch.nn.functional.mse_loss(trainer.engine(x[idx]), y[idx])
+        if payload.get("nan_at") == trainer.state.step + 1:  # a diverging step
+            loss = loss * float("nan")
         if trainer.backward_step(loss):
             losses.append(loss.item())
             if trainer.state.step % train_cfg.checkpoint_every == 0:

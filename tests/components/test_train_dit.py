@@ -151,21 +151,6 @@ def test_validation_loss_is_deterministic_and_tracks_the_weights(latents):
     assert train_dit.validation_loss(model, *args[:-1], 1) != moved  # the seed fixes the noise
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision is resolved by the launcher")
-@pytest.mark.parametrize(("speedup", "expected"), [(3.5, "bf16"), (0.3, "fp32")])
-def test_the_launcher_resolves_auto_precision_once_for_every_rank(
-    monkeypatch, tmp_path, speedup, expected
-):
-    from components import trainer
-
-    monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: speedup)
-    payload = train_dit.build_payload(tiny_cfg(), "latents", tmp_path, tmp_path / "ckpt")
-    assert payload["cfg"]["train_dit"]["train"]["precision"] == expected
-    pinned = train_dit.build_payload(tiny_cfg("train_dit.train.precision=fp32"), "latents",
-                                     tmp_path, tmp_path / "ckpt")  # fmt: skip
-    assert pinned["cfg"]["train_dit"]["train"]["precision"] == "fp32"
-
-
 def test_a_checkpoint_of_another_model_is_refused_with_the_fix(tmp_path):
     cfg = tiny_cfg()
     config = train_dit.model_config(cfg.train_dit, 4, 16)

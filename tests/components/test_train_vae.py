@@ -50,6 +50,9 @@ def test_ssim_and_psnr():
     assert (train_vae.ssim(x, noisy) < 0.9).all()
     assert (train_vae.ssim(x, noisy) > train_vae.ssim(x, -x)).all()
     assert train_vae.ssim(x[..., :5, :7], noisy[..., :5, :7]).shape == (2,)  # window shrinks
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in bf16 training: still fp32 inside
+        close = train_vae.ssim(x, x + 0.01 * torch.randn(x.shape, generator=gen))
+    assert close.dtype == torch.float32 and (close > 0.99).all() and (close <= 1).all()
     # PSNR on the [0, 1] scale: an error of 0.1 there (0.2 in [-1, 1]) is 20 dB.
     assert train_vae.psnr(x, x + 0.2) == pytest.approx(torch.full((2,), 20.0), abs=1e-3)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -44,10 +45,29 @@ def test_cpu_bf16_is_autocast_over_fp32_weights():
 def test_auto_precision_on_cpu_follows_the_measured_bf16_speed(monkeypatch):
     assert trainer.cpu_bf16_speedup() > 0  # measured (cached) on this machine
     monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: 3.5)  # AVX512-BF16 / AMX
-    assert precision(TrainConfig(), cpu_auto_bf16=True) == "bf16"
-    assert precision(TrainConfig()) == "fp32"  # a trainer that did not opt in (the VAE)
+    assert precision(TrainConfig()) == "bf16"
     monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: 0.3)  # emulated bf16
-    assert precision(TrainConfig(), cpu_auto_bf16=True) == "fp32"
+    assert precision(TrainConfig()) == "fp32"
+    assert precision(TrainConfig(precision="bf16")) == "bf16"  # pinned: not measured
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU precision is resolved by the launcher")
+@pytest.mark.parametrize(("speedup", "expected"), [(3.5, "bf16"), (0.3, "fp32")])
+def test_the_launchers_resolve_auto_precision_once_for_every_rank(
+    monkeypatch, tmp_path, speedup, expected
+):
+    from components import train_dit, train_vae
+    from components.config import load_config
+
+    monkeypatch.setattr(trainer, "cpu_bf16_speedup", lambda: speedup)
+    cfg = load_config("tiny", ["train_vae.train.precision=fp32"])  # the DiT's stays auto
+    dit = train_dit.build_payload(cfg, "latents", tmp_path, tmp_path / "ckpt")["cfg"]
+    vae = train_vae.build_payload(cfg, "manifest", tmp_path, tmp_path / "ckpt")["cfg"]
+    assert dit["train_dit"]["train"]["precision"] == expected
+    assert vae["train_vae"]["train"]["precision"] == "fp32"  # pinned values stay
+    auto = load_config("tiny")
+    vae = train_vae.build_payload(auto, "manifest", tmp_path, tmp_path / "ckpt")["cfg"]
+    assert vae["train_vae"]["train"]["precision"] == expected
 
 
 def _payload(tmp_path, name, **train):
@@ -85,6 +105,18 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
     assert two["step"] == one["step"] == 6
     assert torch.allclose(torch.tensor(two["weight"]), torch.tensor(one["weight"]), atol=1e-5)
     assert torch.allclose(torch.tensor(two["bias"]), torch.tensor(one["bias"]), atol=1e-5)
+
+
+def test_a_diverging_loss_stops_training_before_it_reaches_the_weights(tmp_path):
+    from components.trainer import TrainingFailed
+
+    payload = {**_payload(tmp_path, "nan", checkpoint_every=2), "nan_at": 3}
+    with pytest.raises(TrainingFailed, match=r"the loss is nan at step 3 .*train\.lr"):
+        _run(tmp_path, payload, 1)
+    done = sorted(p.parent.name for p in (tmp_path / "nan" / "ckpt").glob("step-*/COMPLETE"))
+    assert done == ["step-0000002"]  # the last clean checkpoint; a fixed retry resumes there
+    resumed = _run(tmp_path, {**payload, "nan_at": None}, 1)
+    assert resumed["step"] == 6 and all(map(math.isfinite, resumed["losses"]))
 
 
 def test_failing_worker_reports_its_log(tmp_path):

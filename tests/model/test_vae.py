@@ -218,6 +218,9 @@ def test_kl_is_nonnegative_and_zero_at_prior(vae):
     assert posterior.kl().shape == (2,) and (posterior.kl() >= 0).all()
     prior = DiagonalGaussian(torch.zeros(1, 8, 2, 3, 3))
     assert torch.equal(prior.kl(), torch.zeros(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, posterior = vae(random_video(2, 3, 5, 16, 16))
+    assert posterior.mean.dtype == torch.bfloat16 and posterior.kl().dtype == torch.float32
 
 
 def test_latent_stats_normalize_latents(vae):
