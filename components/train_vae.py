@@ -593,9 +593,9 @@ def build_payload(cfg: TesseraConfig, manifest: str, out_dir: Path, checkpoint_d
     (:func:`components.trainer.resolve_precision`)."""
     from components.trainer import resolve_precision
 
-    return {"cfg": to_dict(resolve_precision(cfg)), "manifest": str(manifest), "out_dir": str(out_dir),
-            "checkpoint_dir": str(checkpoint_dir), "mlflow_run_id": mlflow_run_id,
-            "stop_at": stop_at}  # fmt: skip
+    return {"cfg": to_dict(resolve_precision(cfg)), "manifest": str(manifest),
+            "out_dir": str(out_dir), "checkpoint_dir": str(checkpoint_dir),
+            "mlflow_run_id": mlflow_run_id, "stop_at": stop_at}  # fmt: skip
 
 
 def check_config(tv: TrainVAEConfig) -> None:
