@@ -267,7 +267,7 @@ class DiagonalGaussian:
         return self.mean  # (B, Z, t, h, w)
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) summed over latent elements -> (B,) in fp32; expm1 keeps each term >= 0."""
+        """KL(q || N(0, I)) summed over latent elements -> (B,), in fp32; expm1 keeps terms >= 0."""
         mean, logvar = self.mean.float(), self.logvar.float()  # a bf16 sum loses the small terms
         per_element = mean.pow(2) + torch.expm1(logvar) - logvar
         return 0.5 * per_element.sum(dim=(1, 2, 3, 4))

@@ -107,6 +107,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
     assert torch.allclose(torch.tensor(two["bias"]), torch.tensor(one["bias"]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_diverging_loss_stops_training_before_it_reaches_the_weights(tmp_path):
     from components.trainer import TrainingFailed
 
