@@ -455,10 +455,9 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) ->
             )  # (count, H, L, hd) strided views, no copy
             if _use_matmul_attention(qs):
                 out = matmul_attention(qs, ks, vs)  # (count, H, L, hd)
-                outs.append(rearrange(out, "b h n d -> (b n) h d"))
-                continue
-            out = F.scaled_dot_product_attention(qs, ks, vs)  # (count, H, L, hd)
-            outs.append(rearrange(out, "b h n d -> (b n) h d"))  # a view: SDPA writes (b n h d)
+            else:
+                out = F.scaled_dot_product_attention(qs, ks, vs)  # (count, H, L, hd)
+            outs.append(rearrange(out, "b h n d -> (b n) h d"))  # a view when SDPA wrote it
         return outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, hd)
     if ctx.backend == "dense_mask":
         q, k, v = (rearrange(s, "n h d -> 1 h n d") for s in (q, k, v))  # (1, H, N, hd)
