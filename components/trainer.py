@@ -87,19 +87,34 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
 
 
 def _worker_main(entry: str, payload_path: str) -> None:
+    """Run ``entry`` on the payload, then leave without interpreter finalisation.
+
+    Gloo's worker threads can still be releasing the last collective's tensors when Python
+    finalises; they then need the GIL, cannot get it, and the process aborts ("terminate called
+    without an active exception", SIGABRT) although training finished (pytorch/pytorch#179291;
+    seen here about once in 15-30 two-process runs under load, with or without
+    ``destroy_process_group``). So a worker flushes its output and ends with ``os._exit``.
+    """
+    import faulthandler
+    import logging
+
     import torch.distributed as dist
 
-    module_name, _, fn_name = entry.partition(":")
-    fn = getattr(importlib.import_module(module_name), fn_name)
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's stack to the log
+    code = 0
     try:
+        module_name, _, fn_name = entry.partition(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
         fn(json.loads(Path(payload_path).read_text()))
         if dist.is_initialized():
-            dist.barrier()  # no rank tears down its group while another still talks to it
-    finally:
-        # Without this, gloo's worker threads outlive the interpreter and the exit aborts
-        # ("terminate called without an active exception", SIGABRT) now and then.
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            dist.barrier()  # no rank leaves while another still talks to it
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # torch's hook prefixes "[rankN]:" to the traceback
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --------------------------------------------------------------------------- distributed
