@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/tessera bench
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 mlflow-ui: $(STAMP)

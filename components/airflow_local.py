@@ -47,11 +47,18 @@ def _airflow(*args: str) -> None:
         raise DagRunFailed(f"`airflow {' '.join(args)}` failed:\n{proc.stderr[-3000:]}")
 
 
-def dags_test(profile: str, overrides: list[str], source: str, captions: str = "") -> dict[str, Any]:
+def dags_test(
+    profile: str, overrides: list[str], source: str, captions: str = ""
+) -> dict[str, Any]:
     """Run the pipeline DAG once with ``dag.test()``; returns the pipeline summary."""
     Path(airflow_env()["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     _airflow("db", "migrate")
-    conf = {"profile": profile, "overrides": list(overrides), "source": source, "captions": captions}
+    conf = {
+        "profile": profile,
+        "overrides": list(overrides),
+        "source": source,
+        "captions": captions,
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "components.airflow_local", DAG_ID, json.dumps(conf)],
         env=airflow_env(),
@@ -65,7 +72,9 @@ def dags_test(profile: str, overrides: list[str], source: str, captions: str = "
     cfg = load_config(profile, overrides)
     from components import storage
 
-    summary = json.loads(storage.read_text(storage.join(cfg.store_uri(), "latest", "pipeline.json")))
+    summary = json.loads(
+        storage.read_text(storage.join(cfg.store_uri(), "latest", "pipeline.json"))
+    )
     holdout = summary["train_vae"].get("holdout_psnr")
     return {
         "run_id": summary["run_id"],
@@ -89,9 +98,11 @@ def _colour_line(evaluated: dict | None) -> str:
         return "not run"
     if "skipped" in evaluated:
         return f"skipped: {evaluated['skipped']}"
-    return (f"accuracy {evaluated['colour_accuracy']:.2f} vs chance "
-            f"{evaluated['colour_chance']:.2f} (p = {evaluated['colour_p_value']:.2g}, "
-            f"{evaluated['trials']} clips): {evaluated['result']}")
+    return (
+        f"accuracy {evaluated['colour_accuracy']:.2f} vs chance "
+        f"{evaluated['colour_chance']:.2f} (p = {evaluated['colour_p_value']:.2g}, "
+        f"{evaluated['trials']} clips): {evaluated['result']}"
+    )
 
 
 def _child(dag_id: str, conf_json: str) -> int:

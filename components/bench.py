@@ -39,7 +39,9 @@ class BenchRecord:
         """How many times better than the peer (>1 means Tessera wins)."""
         if not self.peer_value or not self.value:
             return float("nan")
-        return self.value / self.peer_value if self.higher_is_better else self.peer_value / self.value
+        return (
+            self.value / self.peer_value if self.higher_is_better else self.peer_value / self.value
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio}
@@ -129,7 +131,11 @@ def print_table(records: list[BenchRecord], out: Path | None = None) -> None:
         table.add_column(col, justify="right" if col != "case" else "left")
     for r in records:
         table.add_row(
-            r.name, f"{r.value:.4g} {r.unit}", r.peer, f"{r.peer_value:.4g} {r.unit}", f"{r.ratio:.2f}x"
+            r.name,
+            f"{r.value:.4g} {r.unit}",
+            r.peer,
+            f"{r.peer_value:.4g} {r.unit}",
+            f"{r.ratio:.2f}x",
         )
     console = Console(width=max(120, Console().width))
     console.print(table)

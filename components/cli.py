@@ -20,7 +20,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-dataset_app = typer.Typer(help="Inspect and restore versioned datasets (DVC).", no_args_is_help=True)
+dataset_app = typer.Typer(
+    help="Inspect and restore versioned datasets (DVC).", no_args_is_help=True
+)
 app.add_typer(dataset_app, name="dataset")
 
 Profile = Annotated[
@@ -71,7 +73,10 @@ def config_show(profile: Profile = "demo", overrides: Overrides = None) -> None:
 
 @app.command("demo-data")
 def demo_data_cmd(
-    profile: Profile = "demo", overrides: Overrides = None, run_id: RunId = None, no_track: NoTrack = False
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
 ) -> None:
     """Render the captioned demo corpus (real mp4/PNG/JPEG files) into the store."""
     from components import demo_data
@@ -83,9 +88,12 @@ def demo_data_cmd(
 
 @app.command("ingest")
 def ingest_cmd(
-    src: Annotated[str, typer.Argument(help="Dir, glob, s3://bucket/prefix, or a .txt list of URIs.")],
+    src: Annotated[
+        str, typer.Argument(help="Dir, glob, s3://bucket/prefix, or a .txt list of URIs.")
+    ],
     captions: Annotated[
-        str | None, typer.Option(help="Parquet of captions (path, caption, short_caption, caption_source).")
+        str | None,
+        typer.Option(help="Parquet of captions (path, caption, short_caption, caption_source)."),
     ] = None,
     profile: Profile = "demo",
     overrides: Overrides = None,
@@ -97,12 +105,16 @@ def ingest_cmd(
     from components.runner import run_step
 
     cfg = _config(profile, overrides)
-    _emit(run_step("ingest", ingest.run, cfg, _context(run_id, no_track), src=src, captions=captions))
+    _emit(
+        run_step("ingest", ingest.run, cfg, _context(run_id, no_track), src=src, captions=captions)
+    )
 
 
 @app.command("validate")
 def validate_cmd(
-    manifest: Annotated[str, typer.Argument(help="URI of manifest.parquet (from `tessera ingest`).")],
+    manifest: Annotated[
+        str, typer.Argument(help="URI of manifest.parquet (from `tessera ingest`).")
+    ],
     quarantine: Annotated[str | None, typer.Option(help="Quarantine table to extend.")] = None,
     profile: Profile = "demo",
     overrides: Overrides = None,
@@ -121,7 +133,9 @@ def validate_cmd(
 @app.command("version")
 def version_cmd(
     manifest: Annotated[str, typer.Argument(help="URI of the validated manifest.parquet.")],
-    captions: Annotated[str | None, typer.Option(help="captions.parquet to version alongside.")] = None,
+    captions: Annotated[
+        str | None, typer.Option(help="captions.parquet to version alongside.")
+    ] = None,
     profile: Profile = "demo",
     overrides: Overrides = None,
     run_id: RunId = None,
@@ -167,8 +181,16 @@ def train_vae_cmd(
     from components import runner, train_vae
 
     cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
-    _emit(runner.run_step("train_vae", train_vae.run, cfg, ctx, manifest=manifest,
-                          checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae")))  # fmt: skip
+    _emit(
+        runner.run_step(
+            "train_vae",
+            train_vae.run,
+            cfg,
+            ctx,
+            manifest=manifest,
+            checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae"),
+        )
+    )
 
 
 @app.command("encode")
@@ -202,8 +224,17 @@ def train_dit_cmd(
     from components import runner, train_dit
 
     cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
-    _emit(runner.run_step("train_dit", train_dit.run, cfg, ctx, latents=latents, vae=vae,
-                          checkpoint_dir=runner.checkpoint_dir(ctx, "train_dit")))  # fmt: skip
+    _emit(
+        runner.run_step(
+            "train_dit",
+            train_dit.run,
+            cfg,
+            ctx,
+            latents=latents,
+            vae=vae,
+            checkpoint_dir=runner.checkpoint_dir(ctx, "train_dit"),
+        )
+    )
 
 
 # --------------------------------------------------------------------------- generation
@@ -232,8 +263,18 @@ def generate_cmd(
     from components.runner import run_step
 
     cfg = _config(profile, overrides)
-    _emit(run_step("generate", generate.generate, cfg, _context(run_id, no_track), model=model,
-                   prompts=list(prompt), aspects=list(aspect or ["16:9"]), frames=frames))  # fmt: skip
+    _emit(
+        run_step(
+            "generate",
+            generate.generate,
+            cfg,
+            _context(run_id, no_track),
+            model=model,
+            prompts=list(prompt),
+            aspects=list(aspect or ["16:9"]),
+            frames=frames,
+        )
+    )
 
 
 @app.command("edit")
@@ -254,15 +295,29 @@ def edit_cmd(
     from components.runner import run_step
 
     cfg = _config(profile, overrides)
-    _emit(run_step("edit", generate.edit, cfg, _context(run_id, no_track), model=model,
-                   input=input, prompt=prompt, strength=strength))  # fmt: skip
+    _emit(
+        run_step(
+            "edit",
+            generate.edit,
+            cfg,
+            _context(run_id, no_track),
+            model=model,
+            input=input,
+            prompt=prompt,
+            strength=strength,
+        )
+    )
 
 
 @app.command("eval-prompts")
 def eval_prompts_cmd(
     model: ModelDir,
-    corpus: Annotated[str, typer.Option(
-        help="A demo-data output directory (clips/, captions.parquet, factors.parquet).")],
+    corpus: Annotated[
+        str,
+        typer.Option(
+            help="A demo-data output directory (clips/, captions.parquet, factors.parquet)."
+        ),
+    ],
     profile: Profile = "demo",
     overrides: Overrides = None,
     run_id: RunId = None,
@@ -273,10 +328,18 @@ def eval_prompts_cmd(
     from components.runner import run_step
 
     cfg = _config(profile, overrides)
-    _emit(run_step("prompt_eval", prompt_eval.run, cfg, _context(run_id, no_track), model=model,
-                   clips=storage.join(corpus, demo_data.CLIPS_DIR),
-                   captions=storage.join(corpus, demo_data.CAPTIONS_FILE),
-                   factors=storage.join(corpus, demo_data.FACTORS_FILE)))  # fmt: skip
+    _emit(
+        run_step(
+            "prompt_eval",
+            prompt_eval.run,
+            cfg,
+            _context(run_id, no_track),
+            model=model,
+            clips=storage.join(corpus, demo_data.CLIPS_DIR),
+            captions=storage.join(corpus, demo_data.CAPTIONS_FILE),
+            factors=storage.join(corpus, demo_data.FACTORS_FILE),
+        )
+    )
 
 
 # --------------------------------------------------------------------------- pipeline

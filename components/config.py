@@ -240,7 +240,8 @@ class PromptEvalConfig:
         if self.max_bases < 1 or self.frames < 1 or self.min_distance <= 0:
             raise ValueError(
                 f"prompt_eval needs max_bases >= 1, frames >= 1 and min_distance > 0, got "
-                f"{self.max_bases}, {self.frames}, {self.min_distance}")
+                f"{self.max_bases}, {self.frames}, {self.min_distance}"
+            )
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,9 @@ def load_config(
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"profile {path} must be a mapping at top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"profile {path} must be a mapping at top level, got {type(data).__name__}"
+        )
     data.setdefault("profile", path.stem)
     for item in overrides:
         apply_override(data, item)
@@ -452,7 +455,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}: {value!r}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
+        return tuple(
+            _coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")

@@ -73,8 +73,14 @@ BACKGROUND_PALETTE: dict[str, tuple[int, int, int]] = {
 MIN_CONTRAST = 110.0  # RGB distance an object keeps from its background (and from other objects)
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "ring")
-SHAPE_NOUNS = {"circle": "ball", "square": "square", "triangle": "triangle", "star": "star",
-               "diamond": "diamond", "ring": "ring"}
+SHAPE_NOUNS = {
+    "circle": "ball",
+    "square": "square",
+    "triangle": "triangle",
+    "star": "star",
+    "diamond": "diamond",
+    "ring": "ring",
+}
 SIZES = {"small": 0.12, "medium": 0.18, "large": 0.26}  # half-extent / short side
 SIZE_WORDS = {"small": "small", "medium": "medium-sized", "large": "large"}
 TEXTURES = ("solid", "striped", "checkered")
@@ -180,7 +186,8 @@ def _uncaptioned_mask(rng: np.random.Generator, n: int, fraction: float) -> list
 
 def _pick_color(rng: np.random.Generator, avoid: list[tuple[int, int, int]]) -> str:
     names = [
-        name for name, rgb in PALETTE.items()
+        name
+        for name, rgb in PALETTE.items()
         if all(_distance(rgb, other) >= MIN_CONTRAST for other in avoid)
     ]
     return str(rng.choice(names or list(PALETTE)))
@@ -191,27 +198,42 @@ def _distance(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
 
 
 def _plan_item(
-    rng: np.random.Generator, *, path: str, kind: str, aspect: str, num_frames: int, fps: int,
-    shape: str, color: str, motion: str, base_pixels: int, captioned: bool,
+    rng: np.random.Generator,
+    *,
+    path: str,
+    kind: str,
+    aspect: str,
+    num_frames: int,
+    fps: int,
+    shape: str,
+    color: str,
+    motion: str,
+    base_pixels: int,
+    captioned: bool,
 ) -> ClipSpec:
     width, height = frame_size(aspect, base_pixels)
     video = kind == "video"
-    num_objects = int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2])) if video else int(
-        rng.choice([1, 2], p=[0.7, 0.3]))
+    num_objects = (
+        int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))
+        if video
+        else int(rng.choice([1, 2], p=[0.7, 0.3]))
+    )
     camera = str(rng.choice(CAMERAS, p=[0.5, 0.25, 0.25])) if video else "static"
     objects = []
     for i in range(num_objects):
         avoid = [PALETTE[o.color] for o in objects]
-        objects.append(ObjectSpec(
-            shape=shape if i == 0 else str(rng.choice(SHAPES)),
-            color=color if i == 0 else _pick_color(rng, avoid),
-            size=str(rng.choice(list(SIZES))),
-            texture=str(rng.choice(TEXTURES, p=[0.5, 0.25, 0.25])),
-            motion=motion if i == 0 else (str(rng.choice(MOTIONS)) if video else "still"),
-            x=float(rng.uniform(0.25, 0.75)),
-            y=float(rng.uniform(0.25, 0.75)),
-            phase=float(rng.uniform()),
-        ))
+        objects.append(
+            ObjectSpec(
+                shape=shape if i == 0 else str(rng.choice(SHAPES)),
+                color=color if i == 0 else _pick_color(rng, avoid),
+                size=str(rng.choice(list(SIZES))),
+                texture=str(rng.choice(TEXTURES, p=[0.5, 0.25, 0.25])),
+                motion=motion if i == 0 else (str(rng.choice(MOTIONS)) if video else "still"),
+                x=float(rng.uniform(0.25, 0.75)),
+                y=float(rng.uniform(0.25, 0.75)),
+                phase=float(rng.uniform()),
+            )
+        )
     if camera != "static":  # start the main object where the pan keeps it in view
         x = objects[0].x / 2 + (0.5 if camera == "pan_right" else 0.0)
         objects[0] = dataclasses.replace(objects[0], x=x)
@@ -220,8 +242,11 @@ def _plan_item(
 
     # Backgrounds that every object stands out from; fall back to all of them.
     colors = [PALETTE[o.color] for o in objects]
-    candidates = [n for n, rgb in BACKGROUND_PALETTE.items()
-                  if all(_distance(rgb, c) >= MIN_CONTRAST for c in colors)]
+    candidates = [
+        n
+        for n, rgb in BACKGROUND_PALETTE.items()
+        if all(_distance(rgb, c) >= MIN_CONTRAST for c in colors)
+    ]
     candidates = candidates or list(BACKGROUND_PALETTE)
     background = str(rng.choice(BACKGROUNDS, p=[0.4, 0.35, 0.25]))
     if background == "gradient" and len(candidates) >= 2:
@@ -230,11 +255,21 @@ def _plan_item(
         background = "solid" if background == "gradient" else background
         background_colors = (str(rng.choice(candidates)),)
     return ClipSpec(
-        path=path, kind=kind, width=width, height=height, aspect=aspect,
-        fps=fps if video else 0, num_frames=num_frames if video else 1, speed=speed,
-        camera=camera, background=background, background_colors=background_colors,
-        gradient_axis=str(rng.choice(["vertical", "horizontal"])), objects=tuple(objects),
-        captioned=captioned, seed=int(rng.integers(2**31)),
+        path=path,
+        kind=kind,
+        width=width,
+        height=height,
+        aspect=aspect,
+        fps=fps if video else 0,
+        num_frames=num_frames if video else 1,
+        speed=speed,
+        camera=camera,
+        background=background,
+        background_colors=background_colors,
+        gradient_axis=str(rng.choice(["vertical", "horizontal"])),
+        objects=tuple(objects),
+        captioned=captioned,
+        seed=int(rng.integers(2**31)),
     )
 
 
@@ -245,14 +280,17 @@ def plan_corpus(dd: DemoDataConfig) -> list[ClipSpec]:
     span ``min_frames..max_frames`` evenly, so both short and long clips occur.
     """
     if dd.num_clips < 0 or dd.num_images < 0:
-        raise ValueError(f"demo_data.num_clips / num_images must be >= 0, got "
-                         f"{dd.num_clips} / {dd.num_images}")
+        raise ValueError(
+            f"demo_data.num_clips / num_images must be >= 0, got {dd.num_clips} / {dd.num_images}"
+        )
     if not 1 <= dd.min_frames <= dd.max_frames:
-        raise ValueError(f"demo_data needs 1 <= min_frames <= max_frames, got "
-                         f"{dd.min_frames}..{dd.max_frames}")
+        raise ValueError(
+            f"demo_data needs 1 <= min_frames <= max_frames, got {dd.min_frames}..{dd.max_frames}"
+        )
     if not 0.0 <= dd.uncaptioned_fraction <= 1.0:
-        raise ValueError(f"demo_data.uncaptioned_fraction must be in [0, 1], got "
-                         f"{dd.uncaptioned_fraction}")
+        raise ValueError(
+            f"demo_data.uncaptioned_fraction must be in [0, 1], got {dd.uncaptioned_fraction}"
+        )
     if not dd.aspect_ratios or not dd.fps_choices or min(dd.fps_choices) <= 0:
         raise ValueError("demo_data.aspect_ratios and fps_choices must be non-empty and fps > 0")
     for aspect in dd.aspect_ratios:
@@ -274,12 +312,21 @@ def plan_corpus(dd: DemoDataConfig) -> list[ClipSpec]:
         for i in range(n):
             ext = "mp4" if kind == "video" else ("png" if i % 2 == 0 else "jpg")
             item_rng = np.random.default_rng([dd.seed, kind_seed, i])
-            specs.append(_plan_item(
-                item_rng, path=f"{stem}_{i:0{digits}d}.{ext}", kind=kind, aspect=aspects[i],
-                num_frames=frames[i], fps=int(item_rng.choice(dd.fps_choices)), shape=shapes[i],
-                color=colors[i], motion=motions[i], base_pixels=dd.base_pixels,
-                captioned=not uncaptioned[i],
-            ))
+            specs.append(
+                _plan_item(
+                    item_rng,
+                    path=f"{stem}_{i:0{digits}d}.{ext}",
+                    kind=kind,
+                    aspect=aspects[i],
+                    num_frames=frames[i],
+                    fps=int(item_rng.choice(dd.fps_choices)),
+                    shape=shapes[i],
+                    color=colors[i],
+                    motion=motions[i],
+                    base_pixels=dd.base_pixels,
+                    captioned=not uncaptioned[i],
+                )
+            )
     return specs
 
 
@@ -385,8 +432,7 @@ def background_range(
     if background == "gradient":
         return first, BACKGROUND_PALETTE[colours[1]]
     if background == "noise":
-        return (tuple(0.5 * v for v in first),
-                tuple(min(255.0, 1.5 * v) for v in first))
+        return (tuple(0.5 * v for v in first), tuple(min(255.0, 1.5 * v) for v in first))
     raise ValueError(f"unknown background {background!r}; choose one of {BACKGROUNDS}")
 
 
@@ -406,7 +452,7 @@ def render_frames(spec: ClipSpec) -> np.ndarray:
     margin = math.ceil(float(np.abs(offset).max())) + 1
     world = _background(spec, w + 2 * margin)
     pixel_shift = np.rint(offset).astype(int)
-    frames = np.stack([world[:, margin + dx: margin + dx + w] for dx in pixel_shift])  # (T,H,W,3)
+    frames = np.stack([world[:, margin + dx : margin + dx + w] for dx in pixel_shift])  # (T,H,W,3)
 
     for obj in spec.objects:
         cx, cy, r = _trajectory(obj, s, spec.speed, w, h)
@@ -439,9 +485,15 @@ def render_frames(spec: ClipSpec) -> np.ndarray:
 # --------------------------------------------------------------------------- captions
 
 _ADVERB = {"slow": "slowly", "fast": "quickly", "none": ""}
-_MOTION_SHORT = {"still": "at rest", "bounce": "bouncing", "slide_left": "sliding left",
-                 "slide_right": "sliding right", "orbit": "circling", "zoom_in": "growing",
-                 "zoom_out": "shrinking"}
+_MOTION_SHORT = {
+    "still": "at rest",
+    "bounce": "bouncing",
+    "slide_left": "sliding left",
+    "slide_right": "sliding right",
+    "orbit": "circling",
+    "zoom_in": "growing",
+    "zoom_out": "shrinking",
+}
 _COUNT = {1: "one object", 2: "two objects", 3: "three objects"}
 
 
@@ -459,8 +511,16 @@ def recolour_caption(caption: str, obj: dict, colour: str) -> str:
     ``objects`` JSON) given ``colour`` instead; nothing else in the text changes."""
     if colour not in PALETTE:
         raise ValueError(f"unknown object colour {colour!r}; the palette is {sorted(PALETTE)}")
-    spec = ObjectSpec(shape=obj["shape"], color=obj["color"], size=obj["size"],
-                      texture=obj["texture"], motion=obj["motion"], x=0.5, y=0.5, phase=0.0)
+    spec = ObjectSpec(
+        shape=obj["shape"],
+        color=obj["color"],
+        size=obj["size"],
+        texture=obj["texture"],
+        motion=obj["motion"],
+        x=0.5,
+        y=0.5,
+        phase=0.0,
+    )
     old = _object_phrase(spec)
     if old not in caption:
         raise ValueError(f"caption does not describe the object {obj}: {old!r} not in {caption!r}")
@@ -495,8 +555,11 @@ def _motion_phrase(obj: ObjectSpec, speed: str, video: bool) -> str:
 def _background_phrase(spec: ClipSpec) -> str:
     colors = spec.background_colors
     if spec.background == "gradient":
-        ends = ("at the top", "at the bottom") if spec.gradient_axis == "vertical" else (
-            "on the left", "on the right")
+        ends = (
+            ("at the top", "at the bottom")
+            if spec.gradient_axis == "vertical"
+            else ("on the left", "on the right")
+        )
         return f"a smooth gradient from {colors[0]} {ends[0]} to {colors[1]} {ends[1]}"
     if spec.background == "noise":
         return f"a mottled, cloudy {colors[0]} texture"
@@ -508,11 +571,13 @@ def describe(spec: ClipSpec) -> tuple[str, str]:
     video = spec.kind == "video"
     primary = spec.primary
     medium = "video" if video else "still image"
-    framing = {"landscape": f"wide {spec.aspect} landscape", "portrait": f"tall {spec.aspect} "
-               "portrait", "square": f"square {spec.aspect}"}[spec.orientation]
+    framing = {
+        "landscape": f"wide {spec.aspect} landscape",
+        "portrait": f"tall {spec.aspect} portrait",
+        "square": f"square {spec.aspect}",
+    }[spec.orientation]
     sentences = [
-        f"A {framing} {medium} of "
-        f"{_COUNT[len(spec.objects)]} on {_background_phrase(spec)}."
+        f"A {framing} {medium} of {_COUNT[len(spec.objects)]} on {_background_phrase(spec)}."
     ]
     for i, obj in enumerate(spec.objects):
         lead = "A" if i == 0 else "Another object, a" if i == 1 else "A third object, a"
@@ -618,8 +683,9 @@ def _scaled(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
 
 
-def copy_real_clip(src: Path, dst: Path, max_frames: int, max_side: int,
-                   codec: str | None = None) -> tuple[int, int, int]:
+def copy_real_clip(
+    src: Path, dst: Path, max_frames: int, max_side: int, codec: str | None = None
+) -> tuple[int, int, int]:
     """Copy a real clip, re-encoding only to cut it to ``max_frames`` or shrink its long side
     to ``max_side`` (0 = no limit). Returns (width, height, num_frames) of the result."""
     with av.open(str(src)) as source:
@@ -646,50 +712,74 @@ def copy_real_clip(src: Path, dst: Path, max_frames: int, max_side: int,
 
 # --------------------------------------------------------------------------- the step
 
-CAPTIONS_SCHEMA = pa.schema([
-    ("path", pa.string()),  # relative to clips/
-    ("caption", pa.string()),
-    ("short_caption", pa.string()),
-    ("caption_source", pa.string()),
-])
+CAPTIONS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),  # relative to clips/
+        ("caption", pa.string()),
+        ("short_caption", pa.string()),
+        ("caption_source", pa.string()),
+    ]
+)
 
-FACTORS_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("kind", pa.string()),  # "video" | "image"
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("fps", pa.int32()),  # 0 for images
-    ("num_frames", pa.int32()),
-    ("aspect", pa.string()),  # "16:9"
-    ("orientation", pa.string()),  # landscape | portrait | square
-    ("primary_color", pa.string()),
-    ("shape", pa.string()),
-    ("size", pa.string()),
-    ("motion", pa.string()),
-    ("speed", pa.string()),  # slow | fast | none
-    ("texture", pa.string()),
-    ("background", pa.string()),  # solid | gradient | noise
-    ("background_colors", pa.string()),  # "navy" or "navy,black"
-    ("camera", pa.string()),
-    ("num_objects", pa.int32()),
-    ("objects", pa.string()),  # JSON list of every object's factors
-    ("captioned", pa.bool_()),
-])
+FACTORS_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("kind", pa.string()),  # "video" | "image"
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("fps", pa.int32()),  # 0 for images
+        ("num_frames", pa.int32()),
+        ("aspect", pa.string()),  # "16:9"
+        ("orientation", pa.string()),  # landscape | portrait | square
+        ("primary_color", pa.string()),
+        ("shape", pa.string()),
+        ("size", pa.string()),
+        ("motion", pa.string()),
+        ("speed", pa.string()),  # slow | fast | none
+        ("texture", pa.string()),
+        ("background", pa.string()),  # solid | gradient | noise
+        ("background_colors", pa.string()),  # "navy" or "navy,black"
+        ("camera", pa.string()),
+        ("num_objects", pa.int32()),
+        ("objects", pa.string()),  # JSON list of every object's factors
+        ("captioned", pa.bool_()),
+    ]
+)
 
 
 def _factor_row(spec: ClipSpec) -> dict:
     primary = spec.primary
     return {
-        "path": spec.path, "kind": spec.kind, "width": spec.width, "height": spec.height,
-        "fps": spec.fps, "num_frames": spec.num_frames, "aspect": spec.aspect,
-        "orientation": spec.orientation, "primary_color": primary.color,
-        "shape": primary.shape, "size": primary.size, "motion": primary.motion,
-        "speed": spec.speed, "texture": primary.texture, "background": spec.background,
-        "background_colors": ",".join(spec.background_colors), "camera": spec.camera,
+        "path": spec.path,
+        "kind": spec.kind,
+        "width": spec.width,
+        "height": spec.height,
+        "fps": spec.fps,
+        "num_frames": spec.num_frames,
+        "aspect": spec.aspect,
+        "orientation": spec.orientation,
+        "primary_color": primary.color,
+        "shape": primary.shape,
+        "size": primary.size,
+        "motion": primary.motion,
+        "speed": spec.speed,
+        "texture": primary.texture,
+        "background": spec.background,
+        "background_colors": ",".join(spec.background_colors),
+        "camera": spec.camera,
         "num_objects": len(spec.objects),
-        "objects": json.dumps([
-            {"shape": o.shape, "color": o.color, "size": o.size, "texture": o.texture,
-             "motion": o.motion} for o in spec.objects]),
+        "objects": json.dumps(
+            [
+                {
+                    "shape": o.shape,
+                    "color": o.color,
+                    "size": o.size,
+                    "texture": o.texture,
+                    "motion": o.motion,
+                }
+                for o in spec.objects
+            ]
+        ),
         "captioned": spec.captioned,
     }
 
@@ -733,13 +823,24 @@ def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
                 encode_image(clips / spec.path, frames[0])
             if spec.captioned:
                 caption, short = describe(spec)
-                captions.append({"path": spec.path, "caption": caption,
-                                 "short_caption": short, "caption_source": "given"})
+                captions.append(
+                    {
+                        "path": spec.path,
+                        "caption": caption,
+                        "short_caption": short,
+                        "caption_source": "given",
+                    }
+                )
             factors.append(_factor_row(spec))
             bar.update()
         for name, src in real.items():
-            copy_real_clip(src, clips / f"real_{name}.mp4", dd.real_clip_max_frames,
-                           dd.real_clip_max_side, codec)
+            copy_real_clip(
+                src,
+                clips / f"real_{name}.mp4",
+                dd.real_clip_max_frames,
+                dd.real_clip_max_side,
+                codec,
+            )
             bar.update()
 
     broken = write_broken_files(clips, specs) if dd.broken_files else []
@@ -765,7 +866,18 @@ def generate(cfg: TesseraConfig, workdir: Path) -> StepResult:
 
 
 __all__ = [
-    "ClipSpec", "ObjectSpec", "copy_real_clip", "describe", "encode_image", "encode_video",
-    "background_range", "frame_size", "generate", "plan_corpus", "real_clip_sources",
-    "recolour_caption", "render_frames", "video_codec",
+    "ClipSpec",
+    "ObjectSpec",
+    "copy_real_clip",
+    "describe",
+    "encode_image",
+    "encode_video",
+    "background_range",
+    "frame_size",
+    "generate",
+    "plan_corpus",
+    "real_clip_sources",
+    "recolour_caption",
+    "render_frames",
+    "video_codec",
 ]

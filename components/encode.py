@@ -101,8 +101,10 @@ def plan_shards(cfg: TesseraConfig, manifest: str) -> list[dict[str, Any]]:
     if size < 1:
         raise ValueError(f"encode.shard_size must be >= 1, got {size}")
     ids = [c.clip_id for c in read_clips(manifest)]
-    return [{"index": i, "clip_ids": ids[start:start + size]}
-            for i, start in enumerate(range(0, len(ids), size))]  # fmt: skip
+    return [
+        {"index": i, "clip_ids": ids[start : start + size]}
+        for i, start in enumerate(range(0, len(ids), size))
+    ]
 
 
 def _captions(manifest: str, captions: str | None) -> dict[str, dict[str, Any]]:
@@ -117,8 +119,10 @@ def _captions(manifest: str, captions: str | None) -> dict[str, dict[str, Any]]:
         table = pq.read_table(io.BytesIO(storage.read_bytes(captions)))
         missing = [c for c in ("clip_id", "caption") if c not in table.column_names]
         if missing:
-            raise ValueError(f"captions table {captions} lacks columns {missing}; it needs "
-                             f"clip_id, caption (and optionally short_caption, caption_source)")
+            raise ValueError(
+                f"captions table {captions} lacks columns {missing}; it needs "
+                f"clip_id, caption (and optionally short_caption, caption_source)"
+            )
         for r in table.to_pylist():
             if r["clip_id"] in found and r.get("caption"):
                 found[r["clip_id"]].update({k: r[k] for k in fields if r.get(k) is not None})
@@ -158,8 +162,9 @@ class ClipEncoder:
         Sides are cropped to multiples of the VAE stride times the DiT's spatial patch, so every
         latent cuts into whole spacetime patches."""
         patch = max(self.cfg.train_dit.patch_size[1:])
-        return fr.encode_pixels(clip, self.cfg.encode, self.vae.spatial_factor * patch,
-                                self.vae.temporal_factor)
+        return fr.encode_pixels(
+            clip, self.cfg.encode, self.vae.spatial_factor * patch, self.vae.temporal_factor
+        )
 
     @torch.inference_mode()
     def latent(self, video: torch.Tensor) -> torch.Tensor:
@@ -167,14 +172,22 @@ class ClipEncoder:
         enc = self.cfg.encode
         tile = enc.tile_size if enc.tile_size and max(video.shape[-2:]) > enc.tile_size else None
         posterior, _ = self.vae.encode_video(
-            video[None].to(self.device), chunk_latent_frames=enc.chunk_latent_frames or None,
-            tile_size=tile, tile_overlap=enc.tile_overlap,
-        )  # fmt: skip
+            video[None].to(self.device),
+            chunk_latent_frames=enc.chunk_latent_frames or None,
+            tile_size=tile,
+            tile_overlap=enc.tile_overlap,
+        )
         z = self.vae.normalize_latent(posterior.mode())  # (1, C, t, h, w)
         return z[0].float().cpu().contiguous()
 
-    def encode_clips(self, clips: Sequence[Clip], captions: dict[str, dict[str, Any]],
-                     path: Path, shard: str, desc: str = "encode") -> list[dict[str, Any]]:
+    def encode_clips(
+        self,
+        clips: Sequence[Clip],
+        captions: dict[str, dict[str, Any]],
+        path: Path,
+        shard: str,
+        desc: str = "encode",
+    ) -> list[dict[str, Any]]:
         """Encode ``clips`` into the safetensors file ``path``; returns their index rows."""
         from safetensors.torch import save_file
         from tqdm.auto import tqdm
@@ -186,16 +199,30 @@ class ClipEncoder:
             z = self.latent(video)  # (C, t, h, w)
             tensors[f"{clip.clip_id}/latent"] = z
             cap = captions.get(clip.clip_id, {})
-            rows.append({
-                "clip_id": clip.clip_id, "shard": shard, "split": clip.split, "kind": clip.kind,
-                "caption": cap.get("caption"), "short_caption": cap.get("short_caption"),
-                "caption_source": cap.get("caption_source"),
-                "width": video.shape[3], "height": video.shape[2], "num_frames": video.shape[1],
-                "latent_c": z.shape[0], "latent_t": z.shape[1], "latent_h": z.shape[2],
-                "latent_w": z.shape[3], "uri": clip.uri, "fps": clip.fps,
-                "has_text": bool((cap.get("caption") or "").strip()), "source_width": clip.width,
-                "source_height": clip.height, "source_frames": clip.num_frames,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "clip_id": clip.clip_id,
+                    "shard": shard,
+                    "split": clip.split,
+                    "kind": clip.kind,
+                    "caption": cap.get("caption"),
+                    "short_caption": cap.get("short_caption"),
+                    "caption_source": cap.get("caption_source"),
+                    "width": video.shape[3],
+                    "height": video.shape[2],
+                    "num_frames": video.shape[1],
+                    "latent_c": z.shape[0],
+                    "latent_t": z.shape[1],
+                    "latent_h": z.shape[2],
+                    "latent_w": z.shape[3],
+                    "uri": clip.uri,
+                    "fps": clip.fps,
+                    "has_text": bool((cap.get("caption") or "").strip()),
+                    "source_width": clip.width,
+                    "source_height": clip.height,
+                    "source_frames": clip.num_frames,
+                }
+            )
         for column, key in (("caption", "text"), ("short_caption", "short_text")):
             texted = [r for r in rows if r["has_text"] and (r[column] or "").strip()]
             if not texted:
@@ -206,9 +233,13 @@ class ClipEncoder:
                 tensors[f"{r['clip_id']}/{key}"] = s[:n].contiguous()
                 tensors[f"{r['clip_id']}/{key}_mask"] = m[:n].to(torch.uint8)
         cfg, vc = self.cfg, self.vae.config
-        metadata = {"format": FORMAT, "scaling_factor": repr(vc.scaling_factor),
-                    "shift_factor": repr(vc.shift_factor), "text_encoder": cfg.text.encoder,
-                    "text_max_length": str(cfg.text.max_length)}  # fmt: skip
+        metadata = {
+            "format": FORMAT,
+            "scaling_factor": repr(vc.scaling_factor),
+            "shift_factor": repr(vc.shift_factor),
+            "text_encoder": cfg.text.encoder,
+            "text_max_length": str(cfg.text.max_length),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
         return rows
@@ -221,11 +252,18 @@ def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
 
 def _summary(rows: list[dict[str, Any]], seconds: float) -> tuple[dict[str, Any], dict[str, float]]:
     frames = sum(r["num_frames"] for r in rows)
-    values = {"clips": len(rows), "frames": frames, "with_text": sum(r["has_text"] for r in rows),
-              "images": sum(r["kind"] == "image" for r in rows)}  # fmt: skip
-    metrics = {"clips": float(len(rows)), "encode_seconds": seconds,
-               "clips_per_s": len(rows) / seconds if seconds > 0 else 0.0,
-               "frames_per_s": frames / seconds if seconds > 0 else 0.0}  # fmt: skip
+    values = {
+        "clips": len(rows),
+        "frames": frames,
+        "with_text": sum(r["has_text"] for r in rows),
+        "images": sum(r["kind"] == "image" for r in rows),
+    }
+    metrics = {
+        "clips": float(len(rows)),
+        "encode_seconds": seconds,
+        "clips_per_s": len(rows) / seconds if seconds > 0 else 0.0,
+        "frames_per_s": frames / seconds if seconds > 0 else 0.0,
+    }
     return values, metrics
 
 
@@ -233,16 +271,24 @@ def _shard_clips(manifest: str, shard: dict[str, Any]) -> list[Clip]:
     by_id = {c.clip_id: c for c in read_clips(manifest)}
     missing = [i for i in shard["clip_ids"] if i not in by_id]
     if missing:
-        raise ValueError(f"shard {shard['index']}: {len(missing)} clip id(s) are not in {manifest} "
-                         f"(e.g. {missing[0]}); re-plan the shards from this manifest")
+        raise ValueError(
+            f"shard {shard['index']}: {len(missing)} clip id(s) are not in {manifest} "
+            f"(e.g. {missing[0]}); re-plan the shards from this manifest"
+        )
     return [by_id[i] for i in shard["clip_ids"]]
 
 
 # --------------------------------------------------------------------------- the steps
 
 
-def encode_shard(cfg: TesseraConfig, workdir: Path, manifest: str, vae: str,
-                 shard: dict[str, Any], captions: str | None = None) -> StepResult:
+def encode_shard(
+    cfg: TesseraConfig,
+    workdir: Path,
+    manifest: str,
+    vae: str,
+    shard: dict[str, Any],
+    captions: str | None = None,
+) -> StepResult:
     """Encode one planned shard (run it as ``run_step(shard_step(shard), encode_shard, ...)``).
 
     Args:
@@ -259,12 +305,20 @@ def encode_shard(cfg: TesseraConfig, workdir: Path, manifest: str, vae: str,
     clips = _shard_clips(manifest, shard)
     name = shard_name(int(shard["index"]))
     encoder = ClipEncoder.load(cfg, vae)
-    rows = encoder.encode_clips(clips, _captions(manifest, captions), workdir / name,
-                                f"{SHARDS_DIR}/{name}", desc=shard_step(shard))  # fmt: skip
+    rows = encoder.encode_clips(
+        clips,
+        _captions(manifest, captions),
+        workdir / name,
+        f"{SHARDS_DIR}/{name}",
+        desc=shard_step(shard),
+    )
     _write_rows(rows, workdir / ROWS_NAME)
     values, metrics = _summary(rows, time.perf_counter() - started)
-    return StepResult(files={"shard": name, "rows": ROWS_NAME},
-                      values={"index": int(shard["index"]), **values}, metrics=metrics)
+    return StepResult(
+        files={"shard": name, "rows": ROWS_NAME},
+        values={"index": int(shard["index"]), **values},
+        metrics=metrics,
+    )
 
 
 def merge(cfg: TesseraConfig, workdir: Path, shards: list[dict[str, Any]]) -> StepResult:
@@ -287,14 +341,20 @@ def merge(cfg: TesseraConfig, workdir: Path, shards: list[dict[str, Any]]) -> St
         raise ValueError("the shards hold some clips twice; plan them once per manifest")
     _write_rows(rows, out / INDEX_NAME)
     values, _ = _summary(rows, 1.0)
-    print(f"encode: merged {len(shards)} shard(s), {values['clips']} clips "
-          f"({values['with_text']} with text) in {time.perf_counter() - started:.1f}s")
-    return StepResult(files={"latents": LATENTS_DIR, "index": f"{LATENTS_DIR}/{INDEX_NAME}"},
-                      values={**values, "shards": len(shards)}, metrics={"clips": float(len(rows))})
+    print(
+        f"encode: merged {len(shards)} shard(s), {values['clips']} clips "
+        f"({values['with_text']} with text) in {time.perf_counter() - started:.1f}s"
+    )
+    return StepResult(
+        files={"latents": LATENTS_DIR, "index": f"{LATENTS_DIR}/{INDEX_NAME}"},
+        values={**values, "shards": len(shards)},
+        metrics={"clips": float(len(rows))},
+    )
 
 
-def run(cfg: TesseraConfig, workdir: Path, manifest: str, vae: str,
-        captions: str | None = None) -> StepResult:
+def run(
+    cfg: TesseraConfig, workdir: Path, manifest: str, vae: str, captions: str | None = None
+) -> StepResult:
     """Encode every clip of ``manifest`` in this process (the CLI path); same output as
     :func:`encode_shard` over :func:`plan_shards` followed by :func:`merge`."""
     workdir = Path(workdir)
@@ -306,18 +366,27 @@ def run(cfg: TesseraConfig, workdir: Path, manifest: str, vae: str,
     rows: list[dict[str, Any]] = []
     for shard in shards:
         name = shard_name(int(shard["index"]))
-        rows += encoder.encode_clips(_shard_clips(manifest, shard), texts,
-                                     out / SHARDS_DIR / name, f"{SHARDS_DIR}/{name}",
-                                     desc=shard_step(shard))  # fmt: skip
+        rows += encoder.encode_clips(
+            _shard_clips(manifest, shard),
+            texts,
+            out / SHARDS_DIR / name,
+            f"{SHARDS_DIR}/{name}",
+            desc=shard_step(shard),
+        )
     out.mkdir(parents=True, exist_ok=True)
     _write_rows(rows, out / INDEX_NAME)
     seconds = time.perf_counter() - started
     values, metrics = _summary(rows, seconds)
-    print(f"encode: {values['clips']} clips ({values['with_text']} with text, "
-          f"{values['images']} images) in {len(shards)} shard(s), {seconds:.1f}s = "
-          f"{metrics['clips_per_s']:.2f} clips/s, {metrics['frames_per_s']:.1f} frames/s")
-    return StepResult(files={"latents": LATENTS_DIR, "index": f"{LATENTS_DIR}/{INDEX_NAME}"},
-                      values={**values, "shards": len(shards)}, metrics=metrics)
+    print(
+        f"encode: {values['clips']} clips ({values['with_text']} with text, "
+        f"{values['images']} images) in {len(shards)} shard(s), {seconds:.1f}s = "
+        f"{metrics['clips_per_s']:.2f} clips/s, {metrics['frames_per_s']:.1f} frames/s"
+    )
+    return StepResult(
+        files={"latents": LATENTS_DIR, "index": f"{LATENTS_DIR}/{INDEX_NAME}"},
+        values={**values, "shards": len(shards)},
+        metrics=metrics,
+    )
 
 
 def read_index(latents: str) -> Any:
@@ -334,5 +403,15 @@ def read_index(latents: str) -> Any:
         raise ValueError(f"{uri} lacks column(s) {missing}; expected {INDEX_SCHEMA.names}")
     return index.sort_values("clip_id", kind="stable").reset_index(drop=True)
 
-__all__ = ["INDEX_SCHEMA", "ClipEncoder", "encode_shard", "merge", "plan_shards", "read_index",
-           "run", "shard_name", "shard_step"]
+
+__all__ = [
+    "INDEX_SCHEMA",
+    "ClipEncoder",
+    "encode_shard",
+    "merge",
+    "plan_shards",
+    "read_index",
+    "run",
+    "shard_name",
+    "shard_step",
+]

@@ -48,11 +48,19 @@ def read_clips(manifest: str) -> list[Clip]:
 
     rows = mf.read_table(manifest).to_pylist()
     return [
-        Clip(clip_id=r["clip_id"], uri=r["uri"], kind=r.get("kind") or "video", split=r["split"],
-             width=int(r["width"]), height=int(r["height"]), num_frames=max(1, int(r["num_frames"])),
-             fps=float(r.get("fps") or 0.0), rotation=int(r.get("rotation") or 0))
+        Clip(
+            clip_id=r["clip_id"],
+            uri=r["uri"],
+            kind=r.get("kind") or "video",
+            split=r["split"],
+            width=int(r["width"]),
+            height=int(r["height"]),
+            num_frames=max(1, int(r["num_frames"])),
+            fps=float(r.get("fps") or 0.0),
+            rotation=int(r.get("rotation") or 0),
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
 
 
 # --------------------------------------------------------------------------- decoding
@@ -109,8 +117,9 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- geometry
 
 
-def fit_size(width: int, height: int, max_pixels: int, factor: int) -> tuple[tuple[int, int],
-                                                                          tuple[int, int]]:
+def fit_size(
+    width: int, height: int, max_pixels: int, factor: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Native-aspect size for the VAE: ``((resize_w, resize_h), (crop_w, crop_h))``.
 
     Downscale (never up) so that ``w * h <= max_pixels``, aspect kept; then centre-crop each side
@@ -137,11 +146,12 @@ def usable_frames(num_frames: int, max_frames: int, temporal_factor: int) -> int
 def center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """(T, H, W, C) -> (T, height, width, C) from the centre (no-op where already that size)."""
     top, left = (frames.shape[1] - height) // 2, (frames.shape[2] - width) // 2
-    return frames[:, top:top + height, left:left + width]
+    return frames[:, top : top + height, left : left + width]
 
 
-def encode_pixels(clip: Clip, enc: EncodeConfig, spatial_factor: int,
-                  temporal_factor: int) -> torch.Tensor:
+def encode_pixels(
+    clip: Clip, enc: EncodeConfig, spatial_factor: int, temporal_factor: int
+) -> torch.Tensor:
     """The clip as the encode step feeds it to the VAE -> (3, T, H, W) in [-1, 1].
 
     Native aspect, downscaled to at most ``enc.max_pixels``, sides cropped to multiples of the
@@ -149,8 +159,12 @@ def encode_pixels(clip: Clip, enc: EncodeConfig, spatial_factor: int,
     """
     resize, (cw, ch) = fit_size(clip.width, clip.height, enc.max_pixels, spatial_factor)
     count = usable_frames(clip.num_frames, enc.max_frames, temporal_factor)
-    frames = read_frames(clip.uri, count=count, rotation=clip.rotation,
-                         size=None if resize == (clip.width, clip.height) else resize)
+    frames = read_frames(
+        clip.uri,
+        count=count,
+        rotation=clip.rotation,
+        size=None if resize == (clip.width, clip.height) else resize,
+    )
     count = usable_frames(len(frames), enc.max_frames, temporal_factor)  # headers over-counted
     return to_video(center_crop(frames[:count], ch, cw))
 
@@ -158,8 +172,13 @@ def encode_pixels(clip: Clip, enc: EncodeConfig, spatial_factor: int,
 # --------------------------------------------------------------------------- previews
 
 
-def write_comparison(path: Path, original: torch.Tensor, reconstruction: torch.Tensor,
-                     fps: float = 8.0, error_gain: float = 4.0) -> Path:
+def write_comparison(
+    path: Path,
+    original: torch.Tensor,
+    reconstruction: torch.Tensor,
+    fps: float = 8.0,
+    error_gain: float = 4.0,
+) -> Path:
     """Write ``original | reconstruction | |error| * error_gain`` side by side as an mp4.
 
     original, reconstruction: (3, T, H, W) in [-1, 1]. Odd sizes are padded to even ones

@@ -66,14 +66,15 @@ def model_dir(uri: str) -> Iterator[Path]:
             except storage.StorageNotFound:
                 objects = []
             for obj in objects:
-                rel = obj.uri[len(prefix.rstrip("/")) + 1:]
+                rel = obj.uri[len(prefix.rstrip("/")) + 1 :]
                 if rel and Path(rel).name != storage.SUCCESS:
                     storage.download_file(obj.uri, Path(tmp) / part / rel)
                     found += 1
         if not found:
             raise storage.StorageNotFound(
                 f"{uri} holds no model files; expected vae/ (from train_vae) and dit/ "
-                "(from train_dit) under it")
+                "(from train_dit) under it"
+            )
         yield Path(tmp)
 
 
@@ -90,16 +91,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_generator(cfg: TesseraConfig, directory: Path,
-                   device: str | torch.device | None = None) -> VideoGenerator:
+def load_generator(
+    cfg: TesseraConfig, directory: Path, device: str | torch.device | None = None
+) -> VideoGenerator:
     """A VideoGenerator from a local model directory, with ``cfg.generate``'s limits."""
     from model.generate import VideoGenerator, check_pretrained
 
     check_pretrained(directory / "vae", directory / "dit")  # before the text encoder loads
     return VideoGenerator.from_pretrained(
-        directory / "vae", directory / "dit", load_text_encoder(cfg),
+        directory / "vae",
+        directory / "dit",
+        load_text_encoder(cfg),
         device=device or default_device(),
-        max_frames=cfg.generate.max_frames, max_pixels=cfg.generate.max_pixels,
+        max_frames=cfg.generate.max_frames,
+        max_pixels=cfg.generate.max_pixels,
     )
 
 
@@ -147,15 +152,35 @@ def generate(
         for aspect in aspects:
             size = generator.video_size(aspect, frames)
             seed = gcfg.seed + i
-            requests.append({"prompt": prompt, "frames": size[0], "height": size[1],
-                             "width": size[2], "seed": seed})
-            entries.append({"index": i, "prompt": prompt, "aspect": aspect, "size": list(size),
-                            "seed": seed, "steps": gcfg.steps, "guidance": gcfg.guidance,
-                            "sampler": gcfg.sampler})
+            requests.append(
+                {
+                    "prompt": prompt,
+                    "frames": size[0],
+                    "height": size[1],
+                    "width": size[2],
+                    "seed": seed,
+                }
+            )
+            entries.append(
+                {
+                    "index": i,
+                    "prompt": prompt,
+                    "aspect": aspect,
+                    "size": list(size),
+                    "seed": seed,
+                    "steps": gcfg.steps,
+                    "guidance": gcfg.guidance,
+                    "sampler": gcfg.sampler,
+                }
+            )
     start = time.perf_counter()
-    videos = generator.generate_many(requests, steps=gcfg.steps, guidance=gcfg.guidance,
-                                     sampler=gcfg.sampler,
-                                     token_budget=cfg.train_dit.token_budget)
+    videos = generator.generate_many(
+        requests,
+        steps=gcfg.steps,
+        guidance=gcfg.guidance,
+        sampler=gcfg.sampler,
+        token_budget=cfg.train_dit.token_budget,
+    )
     seconds = time.perf_counter() - start
     for entry, video in zip(entries, videos, strict=True):
         name = f"{entry['index']}_{aspect_slug(entry['aspect'])}"
@@ -194,8 +219,9 @@ def fit_to_pixels(video: torch.Tensor, max_pixels: int) -> torch.Tensor:
     scale = math.sqrt(max_pixels / (height * width))
     size = (max(1, math.floor(height * scale)), max(1, math.floor(width * scale)))
     frames = rearrange(video, "c t h w -> t c h w")
-    frames = F.interpolate(frames, size=size, mode="bilinear", antialias=True,
-                           align_corners=False)  # (T, 3, h, w)
+    frames = F.interpolate(
+        frames, size=size, mode="bilinear", antialias=True, align_corners=False
+    )  # (T, 3, h, w)
     return rearrange(frames, "t c h w -> c t h w").clamp(-1.0, 1.0)
 
 
@@ -229,16 +255,32 @@ def edit(
     with model_dir(model) as directory:
         generator = load_generator(cfg, directory)
     start = time.perf_counter()
-    edited = generator.edit(video, prompt, strength=strength, steps=gcfg.steps,
-                            guidance=gcfg.guidance, seed=gcfg.seed, sampler=gcfg.sampler)
+    edited = generator.edit(
+        video,
+        prompt,
+        strength=strength,
+        steps=gcfg.steps,
+        guidance=gcfg.guidance,
+        seed=gcfg.seed,
+        sampler=gcfg.sampler,
+    )
     seconds = time.perf_counter() - start
     fps_out = round(fps) if fps else 12
     path = save_video(edited, workdir / "edited", fps=max(1, fps_out))
     rel = path.relative_to(workdir).as_posix()
-    record = {"input": input, "prompt": prompt, "strength": strength, "seed": gcfg.seed,
-              "steps": gcfg.steps, "guidance": gcfg.guidance, "sampler": gcfg.sampler,
-              "input_size": input_size, "size": list(edited.shape[1:]), "fps": fps_out,
-              "path": rel}
+    record = {
+        "input": input,
+        "prompt": prompt,
+        "strength": strength,
+        "seed": gcfg.seed,
+        "steps": gcfg.steps,
+        "guidance": gcfg.guidance,
+        "sampler": gcfg.sampler,
+        "input_size": input_size,
+        "size": list(edited.shape[1:]),
+        "fps": fps_out,
+        "path": rel,
+    }
     (workdir / EDIT_JSON).write_text(json.dumps(record, indent=2) + "\n")
     return StepResult(
         files={"video": rel, "edit_json": EDIT_JSON},

@@ -66,9 +66,18 @@ SNIFF_BYTES = 4096
 INFLIGHT_PER_WORKER = 4  # futures in flight per worker: keeps workers busy, memory bounded
 
 PROBE_FIELDS = (
-    "container", "codec", "width", "height", "fps", "num_frames", "duration_s", "kind",
-    "has_audio", "rotation", "frames_counted",
-)  # fmt: skip
+    "container",
+    "codec",
+    "width",
+    "height",
+    "fps",
+    "num_frames",
+    "duration_s",
+    "kind",
+    "has_audio",
+    "rotation",
+    "frames_counted",
+)
 
 # Quarantine reasons that depend only on the file's bytes: reused as-is from a previous run.
 # Bounds-based ones depend on the config, unreadable/missing may have been fixed since, and
@@ -99,24 +108,68 @@ ADVICE = {
 # Leading bytes of containers FFmpeg reads: an unopenable file starting like this is damaged
 # media ("corrupt"), not something else renamed ("not_media").
 MEDIA_MAGIC = (
-    (4, b"ftyp", "MP4/QuickTime"), (4, b"moov", "QuickTime"), (4, b"mdat", "QuickTime"),
-    (4, b"free", "QuickTime"), (4, b"wide", "QuickTime"), (4, b"skip", "QuickTime"),
-    (0, b"\x1aE\xdf\xa3", "Matroska/WebM"), (0, b"RIFF", "RIFF (AVI/WebP)"), (0, b"OggS", "Ogg"),
-    (0, b"FLV\x01", "FLV"), (0, b"GIF8", "GIF"), (0, b"\x89PNG", "PNG"),
+    (4, b"ftyp", "MP4/QuickTime"),
+    (4, b"moov", "QuickTime"),
+    (4, b"mdat", "QuickTime"),
+    (4, b"free", "QuickTime"),
+    (4, b"wide", "QuickTime"),
+    (4, b"skip", "QuickTime"),
+    (0, b"\x1aE\xdf\xa3", "Matroska/WebM"),
+    (0, b"RIFF", "RIFF (AVI/WebP)"),
+    (0, b"OggS", "Ogg"),
+    (0, b"FLV\x01", "FLV"),
+    (0, b"GIF8", "GIF"),
+    (0, b"\x89PNG", "PNG"),
     (0, b"\xff\xd8\xff", "JPEG"),
-    (0, b"\x00\x00\x01\xba", "MPEG-PS"), (0, b"\x00\x00\x01\xb3", "MPEG video"),
-    (0, b"0&\xb2u", "ASF/WMV"), (0, b"YUV4MPEG2", "Y4M"),
-)  # fmt: skip
+    (0, b"\x00\x00\x01\xba", "MPEG-PS"),
+    (0, b"\x00\x00\x01\xb3", "MPEG video"),
+    (0, b"0&\xb2u", "ASF/WMV"),
+    (0, b"YUV4MPEG2", "Y4M"),
+)
 OTHER_MAGIC = (
-    (b"%PDF", "a PDF"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip data"),
-    (b"\x7fELF", "an executable"), (b"SQLite format", "an SQLite database"),
+    (b"%PDF", "a PDF"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "gzip data"),
+    (b"\x7fELF", "an executable"),
+    (b"SQLite format", "an SQLite database"),
     (b"PAR1", "a Parquet file"),
-)  # fmt: skip
-MEDIA_EXTENSIONS = frozenset({
-    "mp4", "m4v", "mov", "qt", "mkv", "webm", "avi", "mpg", "mpeg", "ts", "m2ts", "mts", "flv",
-    "wmv", "asf", "3gp", "3g2", "ogv", "gif", "png", "jpg", "jpeg", "webp", "bmp", "tif", "tiff",
-    "heic", "heif", "avif", "y4m", "mxf", "dv",
-})  # fmt: skip
+)
+MEDIA_EXTENSIONS = frozenset(
+    {
+        "mp4",
+        "m4v",
+        "mov",
+        "qt",
+        "mkv",
+        "webm",
+        "avi",
+        "mpg",
+        "mpeg",
+        "ts",
+        "m2ts",
+        "mts",
+        "flv",
+        "wmv",
+        "asf",
+        "3gp",
+        "3g2",
+        "ogv",
+        "gif",
+        "png",
+        "jpg",
+        "jpeg",
+        "webp",
+        "bmp",
+        "tif",
+        "tiff",
+        "heic",
+        "heif",
+        "avif",
+        "y4m",
+        "mxf",
+        "dv",
+    }
+)
 TEXT_FORMATS = frozenset({"tty"})  # FFmpeg renders .txt/.nfo files as "video": never media here
 _TEXT_BYTES = bytes({7, 8, 9, 10, 12, 13, 27} | set(range(0x20, 0x100)) - {0x7F})
 
@@ -841,12 +894,19 @@ class _Ingest:
         caption, short, source = (
             self.captions.lookup(entry.uri, self.root) if self.captions else (None, None, None)
         )
-        self.manifest.add({
-            "clip_id": sha, "uri": entry.uri, "bytes": nbytes, **outcome["probe"],
-            "split": split_of(sha, self.bounds.val_fraction), "caption": caption,
-            "caption_source": source, "short_caption": short,
-            "source_version": entry.source_version,
-        })  # fmt: skip
+        self.manifest.add(
+            {
+                "clip_id": sha,
+                "uri": entry.uri,
+                "bytes": nbytes,
+                **outcome["probe"],
+                "split": split_of(sha, self.bounds.val_fraction),
+                "caption": caption,
+                "caption_source": source,
+                "short_caption": short,
+                "source_version": entry.source_version,
+            }
+        )
 
     def _from_previous(self, hit: tuple[str, dict], entry: Listed) -> dict[str, Any]:
         kind, row = hit
@@ -871,10 +931,17 @@ class _Ingest:
         self.reasons[reason] += 1
         if sum(self.reasons.values()) <= MAX_PRINTED:
             print(f"ingest: quarantined [{reason}] {message}")
-        self.quarantine.add({
-            "uri": entry.uri, "reason": reason, "message": message, "bytes": nbytes,
-            "sha256": sha, "step": "ingest", "source_version": entry.source_version,
-        })  # fmt: skip
+        self.quarantine.add(
+            {
+                "uri": entry.uri,
+                "reason": reason,
+                "message": message,
+                "bytes": nbytes,
+                "sha256": sha,
+                "step": "ingest",
+                "source_version": entry.source_version,
+            }
+        )
 
 
 def run(
@@ -947,9 +1014,12 @@ def run(
         )
 
     values = {
-        "seen": ingest.seen, "ingested": ingested, "quarantined": quarantined,
-        "duplicates": ingest.reasons["duplicate"], "reused": ingest.reused,
-    }  # fmt: skip
+        "seen": ingest.seen,
+        "ingested": ingested,
+        "quarantined": quarantined,
+        "duplicates": ingest.reasons["duplicate"],
+        "reused": ingest.reused,
+    }
     metrics = {
         **{k: float(v) for k, v in values.items()},
         "probe_s": ingest.timings["probe_s"],

@@ -59,14 +59,20 @@ def ingest(params: dict[str, Any], run: dict[str, Any], raw: dict[str, Any]) -> 
     )
 
 
-def validate(params: dict[str, Any], run: dict[str, Any], ingested: dict[str, Any]) -> dict[str, Any]:
+def validate(
+    params: dict[str, Any], run: dict[str, Any], ingested: dict[str, Any]
+) -> dict[str, Any]:
     from components import validate as step
 
     cfg, ctx = resolve(params, run)
     return runner.run_step(
-        "validate", step.run, cfg, ctx,
-        manifest=ingested["manifest"], quarantine=ingested["quarantine"],
-    )  # fmt: skip
+        "validate",
+        step.run,
+        cfg,
+        ctx,
+        manifest=ingested["manifest"],
+        quarantine=ingested["quarantine"],
+    )
 
 
 def version(
@@ -80,17 +86,25 @@ def version(
     )
 
 
-def train_vae(params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any]) -> dict[str, Any]:
+def train_vae(
+    params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any]
+) -> dict[str, Any]:
     from components import train_vae as step
 
     cfg, ctx = resolve(params, run)
     return runner.run_step(
-        "train_vae", step.run, cfg, ctx,
-        manifest=validated["manifest"], checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae"),
-    )  # fmt: skip
+        "train_vae",
+        step.run,
+        cfg,
+        ctx,
+        manifest=validated["manifest"],
+        checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae"),
+    )
 
 
-def plan_encode(params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any]) -> list[dict]:
+def plan_encode(
+    params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any]
+) -> list[dict]:
     """The shards the encode step maps over (clip ids only: XCom-sized)."""
     from components import encode
 
@@ -99,19 +113,29 @@ def plan_encode(params: dict[str, Any], run: dict[str, Any], validated: dict[str
 
 
 def encode_shard(
-    params: dict[str, Any], run: dict[str, Any], validated: dict[str, Any], vae: dict[str, Any],
+    params: dict[str, Any],
+    run: dict[str, Any],
+    validated: dict[str, Any],
+    vae: dict[str, Any],
     shard: dict[str, Any],
 ) -> dict[str, Any]:
     from components import encode
 
     cfg, ctx = resolve(params, run)
     return runner.run_step(
-        encode.shard_step(shard), encode.encode_shard, cfg, ctx,
-        manifest=validated["manifest"], vae=vae["vae"], shard=shard,
-    )  # fmt: skip
+        encode.shard_step(shard),
+        encode.encode_shard,
+        cfg,
+        ctx,
+        manifest=validated["manifest"],
+        vae=vae["vae"],
+        shard=shard,
+    )
 
 
-def merge_latents(params: dict[str, Any], run: dict[str, Any], shards: list[dict]) -> dict[str, Any]:
+def merge_latents(
+    params: dict[str, Any], run: dict[str, Any], shards: list[dict]
+) -> dict[str, Any]:
     from components import encode
 
     cfg, ctx = resolve(params, run)
@@ -125,9 +149,14 @@ def train_dit(
 
     cfg, ctx = resolve(params, run)
     return runner.run_step(
-        "train_dit", step.run, cfg, ctx, latents=latents["latents"], vae=vae["vae"],
+        "train_dit",
+        step.run,
+        cfg,
+        ctx,
+        latents=latents["latents"],
+        vae=vae["vae"],
         checkpoint_dir=runner.checkpoint_dir(ctx, "train_dit"),
-    )  # fmt: skip
+    )
 
 
 SAMPLE_PROMPTS = (
@@ -143,9 +172,15 @@ def samples(params: dict[str, Any], run: dict[str, Any], dit: dict[str, Any]) ->
 
     cfg, ctx = resolve(params, run)
     return runner.run_step(
-        "samples", generate.generate, cfg, ctx, model=dit["model"],
-        prompts=list(SAMPLE_PROMPTS), aspects=list(SAMPLE_ASPECTS), frames=cfg.generate.sample_frames,
-    )  # fmt: skip
+        "samples",
+        generate.generate,
+        cfg,
+        ctx,
+        model=dit["model"],
+        prompts=list(SAMPLE_PROMPTS),
+        aspects=list(SAMPLE_ASPECTS),
+        frames=cfg.generate.sample_frames,
+    )
 
 
 def prompt_eval(
@@ -154,15 +189,23 @@ def prompt_eval(
     """Colour-following check of the trained model; it needs the demo corpus's factor sidecar,
     so a run on ``params.source`` (user data) reports why it has nothing to check."""
     if not raw.get("factors"):
-        return {"skipped": "the corpus has no factor sidecar (params.source is user data); "
-                           "the colour check runs on the rendered demo corpus"}
+        return {
+            "skipped": "the corpus has no factor sidecar (params.source is user data); "
+            "the colour check runs on the rendered demo corpus"
+        }
     from components import prompt_eval as step
 
     cfg, ctx = resolve(params, run)
     return runner.run_step(
-        "prompt_eval", step.run, cfg, ctx, model=dit["model"], clips=raw["clips"],
-        captions=raw["captions"], factors=raw["factors"],
-    )  # fmt: skip
+        "prompt_eval",
+        step.run,
+        cfg,
+        ctx,
+        model=dit["model"],
+        clips=raw["clips"],
+        captions=raw["captions"],
+        factors=raw["factors"],
+    )
 
 
 def finish(params: dict[str, Any], run: dict[str, Any], **steps: dict[str, Any]) -> dict[str, Any]:

@@ -36,8 +36,10 @@ GRID_PNG = "prompt_eval.png"
 def select_bases(factors: list[dict], captions: dict[str, str], max_bases: int) -> list[dict]:
     """Captioned single-object factor rows, evenly spread over the corpus (sorted by path, so
     videos and stills both come up), at most ``max_bases``."""
-    rows = sorted((r for r in factors if r["num_objects"] == 1 and captions.get(r["path"])),
-                  key=lambda r: r["path"])
+    rows = sorted(
+        (r for r in factors if r["num_objects"] == 1 and captions.get(r["path"])),
+        key=lambda r: r["path"],
+    )
     if len(rows) <= max_bases:
         return rows
     step = len(rows) / max_bases
@@ -69,8 +71,9 @@ def _grid(cells: list[list[tuple[Any, str]]], path: Path) -> None:
     sheet.save(path)
 
 
-def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str,
-        factors: str) -> StepResult:
+def run(
+    cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str, factors: str
+) -> StepResult:
     """Score how well ``model`` follows the colour word of corpus captions.
 
     Args:
@@ -88,19 +91,31 @@ def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str
     pcfg, gcfg = cfg.prompt_eval, cfg.generate
     caption_of = {r["path"]: r["caption"] for r in _read_parquet(captions)}
     factor_rows = _read_parquet(factors)
-    missing = {"path", "num_objects", "background", "background_colors", "objects",
-               "primary_color", "aspect", "kind"} - set(factor_rows[0] if factor_rows else {})
+    missing = {
+        "path",
+        "num_objects",
+        "background",
+        "background_colors",
+        "objects",
+        "primary_color",
+        "aspect",
+        "kind",
+    } - set(factor_rows[0] if factor_rows else {})
     if missing:
-        raise ValueError(f"{factors} is not a demo-corpus factor sidecar: it lacks columns "
-                         f"{sorted(missing)} (write it with `tessera demo-data`)")
+        raise ValueError(
+            f"{factors} is not a demo-corpus factor sidecar: it lacks columns "
+            f"{sorted(missing)} (write it with `tessera demo-data`)"
+        )
     bases = select_bases(factor_rows, caption_of, pcfg.max_bases)
     if not bases:
         raise ValueError(
             f"{factors} lists no captioned file with a single object, so there is nothing to "
-            "recolour; render a larger corpus (demo_data.num_clips)")
+            "recolour; render a larger corpus (demo_data.num_clips)"
+        )
 
-    backgrounds = [background_range(b["background"], b["background_colors"].split(","))
-                   for b in bases]
+    backgrounds = [
+        background_range(b["background"], b["background_colors"].split(",")) for b in bases
+    ]
 
     # 1. the classifier on the corpus files themselves (known colours)
     checks = []
@@ -108,8 +123,14 @@ def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str
         with storage.local_copy(storage.join(clips, base["path"])) as path:
             frames = to_uint8_frames(load_video(path))
         vote = pf.dominant_colour(frames, PALETTE, background, min_distance=pcfg.min_distance)
-        checks.append({"path": base["path"], "colour": base["primary_color"], "seen": vote.colour,
-                       "foreground": vote.foreground})
+        checks.append(
+            {
+                "path": base["path"],
+                "colour": base["primary_color"],
+                "seen": vote.colour,
+                "foreground": vote.foreground,
+            }
+        )
     classifier_accuracy = sum(c["seen"] == c["colour"] for c in checks) / len(checks)
 
     # 2. every contrasting colour of every base, one seed per base
@@ -122,13 +143,24 @@ def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str
         frames = 1 if base["kind"] == "image" else pcfg.frames
         size = generator.video_size(base["aspect"], frames)
         for colour in colours:
-            requests.append({"prompt": recolour_caption(caption_of[base["path"]], obj, colour),
-                             "frames": size[0], "height": size[1], "width": size[2],
-                             "seed": gcfg.seed + i})
+            requests.append(
+                {
+                    "prompt": recolour_caption(caption_of[base["path"]], obj, colour),
+                    "frames": size[0],
+                    "height": size[1],
+                    "width": size[2],
+                    "seed": gcfg.seed + i,
+                }
+            )
             meta.append((base, colour, len(colours), background))
     start = time.perf_counter()
-    videos = generator.generate_many(requests, steps=gcfg.steps, guidance=gcfg.guidance,
-                                     sampler=gcfg.sampler, token_budget=cfg.train_dit.token_budget)
+    videos = generator.generate_many(
+        requests,
+        steps=gcfg.steps,
+        guidance=gcfg.guidance,
+        sampler=gcfg.sampler,
+        token_budget=cfg.train_dit.token_budget,
+    )
     seconds = time.perf_counter() - start
 
     trials, records, cells = [], [], {}
@@ -137,27 +169,58 @@ def run(cfg: TesseraConfig, workdir: Path, model: str, clips: str, captions: str
         vote = pf.dominant_colour(frames, PALETTE, background, min_distance=pcfg.min_distance)
         trial = pf.Trial(base=base["path"], asked=colour, seen=vote.colour, variants=k)
         trials.append(trial)
-        records.append({"base": base["path"], "asked": colour, "seen": vote.colour,
-                        "correct": trial.correct, "foreground": round(vote.foreground, 4),
-                        "votes": {c: round(v, 4) for c, v in vote.votes.items()},
-                        "prompt": req["prompt"], "seed": req["seed"],
-                        "size": [req["frames"], req["height"], req["width"]]})
+        records.append(
+            {
+                "base": base["path"],
+                "asked": colour,
+                "seen": vote.colour,
+                "correct": trial.correct,
+                "foreground": round(vote.foreground, 4),
+                "votes": {c: round(v, 4) for c, v in vote.votes.items()},
+                "prompt": req["prompt"],
+                "seed": req["seed"],
+                "size": [req["frames"], req["height"], req["width"]],
+            }
+        )
         label = f"{colour[:4]}>{(vote.colour or '-')[:4]}"
         cells.setdefault(base["path"], []).append((frames[len(frames) // 2], label))
     result = pf.score(trials)
     _grid(list(cells.values()), workdir / GRID_PNG)
-    summary = {**vars(result), "classifier_accuracy_on_corpus": classifier_accuracy,
-               "generate_seconds": seconds, "steps": gcfg.steps, "guidance": gcfg.guidance,
-               "sampler": gcfg.sampler, "classifier_checks": checks, "trials": records}
+    summary = {
+        **vars(result),
+        "classifier_accuracy_on_corpus": classifier_accuracy,
+        "generate_seconds": seconds,
+        "steps": gcfg.steps,
+        "guidance": gcfg.guidance,
+        "sampler": gcfg.sampler,
+        "classifier_checks": checks,
+        "trials": records,
+    }
     (workdir / RESULT_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("prompt_eval: colour accuracy %.3f (%d/%d) vs chance %.3f, p=%.2g; classifier on "
-             "corpus %.3f; %d clips in %.1f s", result.accuracy, result.correct, result.trials,
-             result.chance, result.p_value, classifier_accuracy, len(videos), seconds)
+    log.info(
+        "prompt_eval: colour accuracy %.3f (%d/%d) vs chance %.3f, p=%.2g; classifier on "
+        "corpus %.3f; %d clips in %.1f s",
+        result.accuracy,
+        result.correct,
+        result.trials,
+        result.chance,
+        result.p_value,
+        classifier_accuracy,
+        len(videos),
+        seconds,
+    )
     return StepResult(
         files={"result": RESULT_JSON, "grid": GRID_PNG},
-        values={"colour_accuracy": result.accuracy, "colour_chance": result.chance,
-                "colour_p_value": result.p_value, "trials": result.trials},
-        metrics={**result.as_metrics(), "colour_classifier_accuracy": classifier_accuracy,
-                 "generate_seconds": seconds},
+        values={
+            "colour_accuracy": result.accuracy,
+            "colour_chance": result.chance,
+            "colour_p_value": result.p_value,
+            "trials": result.trials,
+        },
+        metrics={
+            **result.as_metrics(),
+            "colour_classifier_accuracy": classifier_accuracy,
+            "generate_seconds": seconds,
+        },
         artifacts=[RESULT_JSON, GRID_PNG],
     )

@@ -224,14 +224,22 @@ class MlflowServer:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}",
-            "--default-artifact-root", (self.home / "mlartifacts").as_uri(),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.home / 'mlflow.db'}",
+            "--default-artifact-root",
+            (self.home / "mlartifacts").as_uri(),
             "--no-serve-artifacts",
-            "--host", self.host,
-            "--port", str(self.port),
-            "--workers", "1",
-        ]  # fmt: skip
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
 
     def healthy(self) -> bool:
         try:

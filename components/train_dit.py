@@ -202,8 +202,12 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
             short = tensors.get(f"{clip_id}/short_text")
             if short is not None:
                 short_mask = tensors.get(f"{clip_id}/short_text_mask")
-                shorts[clip_id] = (short.float(), torch.ones(short.shape[0], dtype=torch.bool)
-                                   if short_mask is None else short_mask.bool())
+                shorts[clip_id] = (
+                    short.float(),
+                    torch.ones(short.shape[0], dtype=torch.bool)
+                    if short_mask is None
+                    else short_mask.bool(),
+                )
     clip_ids = list(rows["clip_id"])
     dims = {int(t.shape[1]) for _, t, _ in by_id.values() if t is not None}
     if len(dims) > 1:
@@ -221,9 +225,16 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
         masks.append(mask.bool())
     captions = [str(c) if isinstance(c, str) else "" for c in rows.get("caption", [""] * len(rows))]
     kinds = [str(k) for k in rows["kind"]] if "kind" in rows else ["video"] * len(rows)
-    return LatentSet(clip_ids, [by_id[c][0] for c in clip_ids], texts, masks, kinds, captions,
-                     [shorts.get(c, (None, None))[0] for c in clip_ids],
-                     [shorts.get(c, (None, None))[1] for c in clip_ids])
+    return LatentSet(
+        clip_ids,
+        [by_id[c][0] for c in clip_ids],
+        texts,
+        masks,
+        kinds,
+        captions,
+        [shorts.get(c, (None, None))[0] for c in clip_ids],
+        [shorts.get(c, (None, None))[1] for c in clip_ids],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,8 +318,11 @@ def make_batch(
     batch = batches[0]
     indices = [pack[j] for j in batch.indices]  # text rows follow the segments
     short = None
-    if short_caption_rate > 0 and data.short_texts and any(
-            data.short_texts[i] is not None for i in indices):
+    if (
+        short_caption_rate > 0
+        and data.short_texts
+        and any(data.short_texts[i] is not None for i in indices)
+    ):
         draws = torch.rand(len(indices), generator=generator)
         short = (draws < short_caption_rate).tolist()
     text, mask = data.text_batch(indices, short)
@@ -511,8 +525,11 @@ def worker(payload: dict[str, Any]) -> None:
     state = trainer.resume() or {}
     history: dict[str, Any] = state.get("history") or {"steps": [], "val": []}
     if state:
-        log.info("resumed from step %d (clip position %d)", trainer.state.step,
-                 state.get("clip_position", 0))  # fmt: skip
+        log.info(
+            "resumed from step %d (clip position %d)",
+            trainer.state.step,
+            state.get("clip_position", 0),
+        )
     stream = PackStream(lengths, tcfg.token_budget, cfg.seed, int(state.get("clip_position", 0)))
     flow = FlowMatching(flow_config(tcfg))
     device = trainer.device
@@ -522,14 +539,30 @@ def worker(payload: dict[str, Any]) -> None:
     sampler = _make_sample_writer(cfg, payload, val, data, device) if rank == 0 else None
     log.info(
         "%d train clips (%d images), %d val clips (held out: %s), %s, %d packs/step, %s, "
-        "peak %.1f GFLOP/s", len(data), sum(k == "image" for k in data.kinds), len(val), heldout,
-        tcfg.size, packs_per_step, precision(train), peak,
-    )  # fmt: skip
+        "peak %.1f GFLOP/s",
+        len(data),
+        sum(k == "image" for k in data.kinds),
+        len(val),
+        heldout,
+        tcfg.size,
+        packs_per_step,
+        precision(train),
+        peak,
+    )
 
     def evaluate() -> None:
         with maybe_autocast(train):
-            value = validation_loss(trainer.engine, val, flow, tcfg.patch_size, tcfg.token_budget,
-                                    cfg.seed, device, rank, world_size)  # fmt: skip
+            value = validation_loss(
+                trainer.engine,
+                val,
+                flow,
+                tcfg.patch_size,
+                tcfg.token_budget,
+                cfg.seed,
+                device,
+                rank,
+                world_size,
+            )
         history["val"].append([trainer.state.step, value])
         trainer.log({"val_loss": value})
         log.info("step %d val_loss %.5f", trainer.state.step, value)
@@ -558,8 +591,13 @@ def worker(payload: dict[str, Any]) -> None:
             history.get("train_seconds", 0.0) + time.perf_counter() - began[0]
         )
         began[0] = time.perf_counter()
-        trainer.save_checkpoint(extra={"clip_position": stream.position, "history": history,
-                                       "dit_config": config.to_dict()})  # fmt: skip
+        trainer.save_checkpoint(
+            extra={
+                "clip_position": stream.position,
+                "history": history,
+                "dit_config": config.to_dict(),
+            }
+        )
 
     began = [time.perf_counter()]
     stop_at = min(int(payload.get("stop_at") or train.steps), train.steps)
@@ -597,10 +635,15 @@ def worker(payload: dict[str, Any]) -> None:
         # MFU uses the higher of the peaks measured at start and end
         peak = max(peak, peak_gflops(cfg, device) * world_size)
         summary = summarize(history, peak, tcfg, finished)
-        summary.update(clips_train=len(data), clips_val=len(val), val_heldout=heldout,
-                       images_train=sum(k == "image" for k in data.kinds),
-                       packs_per_step=packs_per_step, precision=precision(train),
-                       dit_config=config.to_dict())  # fmt: skip
+        summary.update(
+            clips_train=len(data),
+            clips_val=len(val),
+            val_heldout=heldout,
+            images_train=sum(k == "image" for k in data.kinds),
+            packs_per_step=packs_per_step,
+            precision=precision(train),
+            dit_config=config.to_dict(),
+        )
         Path(payload["summary"]).write_text(json.dumps(summary, indent=2, default=str))
 
 
@@ -631,16 +674,33 @@ def train_step(
         losses = []
         for global_index, pack in mine[a * mb : (a + 1) * mb]:
             generator = pack_generator(cfg.seed, _TRAIN_STREAM, global_index)
-            batch, text, mask = make_batch(data, pack, tcfg.patch_size, tcfg.token_budget,
-                                           tcfg.drop_rate, generator,
-                                           tcfg.short_caption_rate)  # fmt: skip
+            batch, text, mask = make_batch(
+                data,
+                pack,
+                tcfg.patch_size,
+                tcfg.token_budget,
+                tcfg.drop_rate,
+                generator,
+                tcfg.short_caption_rate,
+            )
             with maybe_autocast(train):
-                out = flow.training_loss(trainer.engine, batch.to(device), text.to(device),
-                                         mask.to(device), generator=generator)  # fmt: skip
+                out = flow.training_loss(
+                    trainer.engine,
+                    batch.to(device),
+                    text.to(device),
+                    mask.to(device),
+                    generator=generator,
+                )
             losses.append(out.loss)
             text_lens = (mask.sum(1) * ~out.dropped_text.cpu()).tolist()  # after text dropout
-            stats[:4] += torch.tensor([out.loss.item(), 1, batch.num_tokens,
-                                       train_flops(config, batch.seqlens, text_lens)])  # fmt: skip
+            stats[:4] += torch.tensor(
+                [
+                    out.loss.item(),
+                    1,
+                    batch.num_tokens,
+                    train_flops(config, batch.seqlens, text_lens),
+                ]
+            )
             bucket = _bucket_index(out.t, len(buckets))
             bucket_sums.index_add_(0, bucket, out.per_clip.double().cpu())
             bucket_counts.index_add_(0, bucket, torch.ones(len(bucket), dtype=torch.float64))
@@ -648,10 +708,15 @@ def train_step(
     stats = _all_reduce(stats, device, world_size)
     loss_sum, num_packs, tokens, flops = stats[:4].tolist()
     record = {
-        "step": trainer.state.step, "loss": loss_sum / num_packs, "tokens": tokens,
-        "flops": flops, "seconds": time.perf_counter() - start, "lr": lr,
-        "grad_norm": trainer.grad_norm(), "token_fill": tokens / (num_packs * tcfg.token_budget),
-    }  # fmt: skip
+        "step": trainer.state.step,
+        "loss": loss_sum / num_packs,
+        "tokens": tokens,
+        "flops": flops,
+        "seconds": time.perf_counter() - start,
+        "lr": lr,
+        "grad_norm": trainer.grad_norm(),
+        "token_fill": tokens / (num_packs * tcfg.token_budget),
+    }
     sums, counts = stats[4:].view(2, -1).tolist()
     record.update({n: s / c for n, s, c in zip(buckets, sums, counts, strict=True) if c})
     return record
@@ -827,11 +892,19 @@ def run(
     try:
         vae_dir, skipped = _samples_vae(vae, tmp)
         payload = build_payload(
-            cfg, latents, workdir, ckpt, mlflow_run_id=active.info.run_id if active else None,
+            cfg,
+            latents,
+            workdir,
+            ckpt,
+            mlflow_run_id=active.info.run_id if active else None,
             vae_dir=vae_dir,
-        )  # fmt: skip
-        launch("components.train_dit:worker", payload, cfg.train_dit.train.num_processes,
-               workdir / LOG_NAME)  # fmt: skip
+        )
+        launch(
+            "components.train_dit:worker",
+            payload,
+            cfg.train_dit.train.num_processes,
+            workdir / LOG_NAME,
+        )
         if vae_dir is not None:  # the DiT lives in this VAE's latent space: ship them together
             shutil.copytree(vae_dir, workdir / "vae")
     finally:

@@ -118,8 +118,14 @@ class CropDataset(torch.utils.data.Dataset):
     Decoded clips are cached per process up to ``cache_mb``.
     """
 
-    def __init__(self, clips: Sequence[Clip], crop_frames: int, crop_size: tuple[int, int],
-                 seed: int, cache_mb: int = 0):
+    def __init__(
+        self,
+        clips: Sequence[Clip],
+        crop_frames: int,
+        crop_size: tuple[int, int],
+        seed: int,
+        cache_mb: int = 0,
+    ):
         if not clips:
             raise ValueError("CropDataset needs at least one clip")
         self.clips = list(clips)
@@ -137,13 +143,13 @@ class CropDataset(torch.utils.data.Dataset):
         """(n <= count, H, W, 3) uint8 frames from ``start`` (the whole clip cached if it fits)."""
         clip = self.clips[index]
         if clip.uri in self._cache:  # by URI: balance_kinds repeats clips
-            return self._cache[clip.uri][start:start + count]
+            return self._cache[clip.uri][start : start + count]
         size = clip.num_frames * clip.width * clip.height * 3
         if self._cached_bytes + size <= self.cache_budget:
             whole = fr.read_frames(clip.uri, rotation=clip.rotation)
             self._cache[clip.uri] = whole
             self._cached_bytes += whole.nbytes
-            return whole[start:start + count] if start < len(whole) else whole[-count:]
+            return whole[start : start + count] if start < len(whole) else whole[-count:]
         try:
             return fr.read_frames(clip.uri, start=start, count=count, rotation=clip.rotation)
         except ValueError:  # the header over-counted frames: take the clip's first ones
@@ -161,10 +167,14 @@ class CropDataset(torch.utils.data.Dataset):
         t, height, width = frames.shape[:3]
         h, w = min(self.crop_h, height), min(self.crop_w, width)
         top, left = randint(height - h), randint(width - w)
-        video = fr.to_video(frames[:, top:top + h, left:left + w])  # (3, t, h, w)
+        video = fr.to_video(frames[:, top : top + h, left : left + w])  # (3, t, h, w)
         pad = (0, self.crop_w - w, 0, self.crop_h - h, 0, self.crop_frames - t)
         video = F.pad(video[None], pad, mode="replicate")[0]  # (3, crop_frames, crop_h, crop_w)
-        return {"video": video, "valid": torch.tensor([t, h, w]), "position": torch.tensor(position)}
+        return {
+            "video": video,
+            "valid": torch.tensor([t, h, w]),
+            "position": torch.tensor(position),
+        }
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         position, index = key
@@ -186,8 +196,9 @@ class PositionedSampler(torch.utils.data.Sampler):
         return len(self.base)
 
 
-def center_clip(clip: Clip, frames: int, crop_size: tuple[int, int],
-                temporal_factor: int) -> torch.Tensor:
+def center_clip(
+    clip: Clip, frames: int, crop_size: tuple[int, int], temporal_factor: int
+) -> torch.Tensor:
     """The fixed validation view of a clip: its first ``1 + tf*k <= frames`` frames, centre crop
     of ``crop_size`` (or less where the clip is smaller) -> (3, T, h, w)."""
     count = fr.usable_frames(clip.num_frames, frames, temporal_factor)
@@ -285,15 +296,16 @@ def load_lpips(path: str) -> torch.jit.ScriptModule:
     return module
 
 
-def reconstruction_losses(x: torch.Tensor, recon: torch.Tensor, valid: torch.Tensor,
-                          perceptual: nn.Module | None = None) -> dict[str, torch.Tensor]:
+def reconstruction_losses(
+    x: torch.Tensor, recon: torch.Tensor, valid: torch.Tensor, perceptual: nn.Module | None = None
+) -> dict[str, torch.Tensor]:
     """Mean L1, SSIM and (optionally) LPIPS over the valid region of each sample.
 
     x, recon: (B, C, T, H, W); valid: (B, 3) real (frames, height, width) at the front.
     """
     l1, sim, lp = [], [], []
     for b, (t, h, w) in enumerate(valid.tolist()):
-        xb, rb = x[b:b + 1, :, :t, :h, :w], recon[b:b + 1, :, :t, :h, :w]  # (1, C, t, h, w)
+        xb, rb = x[b : b + 1, :, :t, :h, :w], recon[b : b + 1, :, :t, :h, :w]  # (1, C, t, h, w)
         l1.append((xb - rb).abs().mean())
         sim.append(ssim(xb, rb)[0])
         if perceptual is not None:
@@ -306,12 +318,14 @@ def reconstruction_losses(x: torch.Tensor, recon: torch.Tensor, valid: torch.Ten
 
 
 @torch.no_grad()
-def reconstruct(vae: CausalVAE, video: torch.Tensor, chunk_latent_frames: int | None = None
-                ) -> torch.Tensor:
+def reconstruct(
+    vae: CausalVAE, video: torch.Tensor, chunk_latent_frames: int | None = None
+) -> torch.Tensor:
     """Posterior-mode reconstruction of one video (3, T, H, W), any size -> same shape."""
     param = next(vae.parameters())  # a bf16 DeepSpeed engine holds bf16 weights
-    posterior, meta = vae.encode_video(video[None].to(param.device, param.dtype),
-                                       chunk_latent_frames=chunk_latent_frames)
+    posterior, meta = vae.encode_video(
+        video[None].to(param.device, param.dtype), chunk_latent_frames=chunk_latent_frames
+    )
     recon = vae.decode_video(posterior.mode(), meta, chunk_latent_frames=chunk_latent_frames)
     return recon[0].float().cpu()
 
@@ -329,9 +343,12 @@ def score(videos: Sequence[torch.Tensor], recons: Sequence[torch.Tensor]) -> tup
 
 
 def build_model(tv: TrainVAEConfig) -> CausalVAE:
-    return build_vae(tv.size, latent_channels=tv.latent_channels,
-                     temporal_downsample=tv.temporal_downsample,
-                     spatial_downsample=tv.spatial_downsample)  # fmt: skip
+    return build_vae(
+        tv.size,
+        latent_channels=tv.latent_channels,
+        temporal_downsample=tv.temporal_downsample,
+        spatial_downsample=tv.spatial_downsample,
+    )
 
 
 class _Meter:
@@ -350,7 +367,9 @@ class _Meter:
         import torch.distributed as dist
 
         keys = sorted(self.sums)
-        totals = torch.tensor([self.sums[k] for k in keys] + [float(self.steps)], dtype=torch.float64)
+        totals = torch.tensor(
+            [self.sums[k] for k in keys] + [float(self.steps)], dtype=torch.float64
+        )
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         count = max(totals[-1].item(), 1.0)
@@ -386,8 +405,9 @@ def worker(payload: dict[str, Any]) -> None:
     disc_opt = None
     if disc is not None:
         disc.to(device)
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=train.lr, betas=(0.5, 0.9),
-                                     weight_decay=0.0)
+        disc_opt = torch.optim.AdamW(
+            disc.parameters(), lr=train.lr, betas=(0.5, 0.9), weight_decay=0.0
+        )
     if perceptual is not None:
         perceptual.to(device)
     client_state = trainer.resume() or {}
@@ -395,16 +415,29 @@ def worker(payload: dict[str, Any]) -> None:
         _load_disc(trainer.checkpoints()[-1], disc, disc_opt, device)
 
     clips = select_clips(read_clips(payload["manifest"]), tv)
-    dataset = CropDataset(balance_kinds(clips["train"], tv.video_share), tv.crop_frames,
-                          tv.crop_size, cfg.seed, tv.cache_mb)  # fmt: skip
-    sampler = PositionedSampler(tr.ResumableSampler(
-        len(dataset), seed=cfg.seed, rank=trainer.rank, world_size=trainer.world_size,
-        start=trainer.state.samples))  # fmt: skip
-    loader = torch.utils.data.DataLoader(dataset, batch_size=train.micro_batch, sampler=sampler,
-                                         num_workers=train.num_workers)
+    dataset = CropDataset(
+        balance_kinds(clips["train"], tv.video_share),
+        tv.crop_frames,
+        tv.crop_size,
+        cfg.seed,
+        tv.cache_mb,
+    )
+    sampler = PositionedSampler(
+        tr.ResumableSampler(
+            len(dataset),
+            seed=cfg.seed,
+            rank=trainer.rank,
+            world_size=trainer.world_size,
+            start=trainer.state.samples,
+        )
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=train.micro_batch, sampler=sampler, num_workers=train.num_workers
+    )
     tf = vae.temporal_factor
-    val_views = ([center_clip(c, tv.crop_frames, tv.crop_size, tf) for c in clips["val"]]
-                 if rank0 else [])  # fmt: skip
+    val_views = (
+        [center_clip(c, tv.crop_frames, tv.crop_size, tf) for c in clips["val"]] if rank0 else []
+    )
 
     stop_at = min(int(payload.get("stop_at") or train.steps), train.steps)
     log_every, eval_every = max(1, train.log_every), max(1, tv.eval_every)
@@ -421,8 +454,7 @@ def worker(payload: dict[str, Any]) -> None:
             recon, posterior = trainer.engine(x)
         terms = reconstruction_losses(x, recon.float(), valid, perceptual)
         kl = posterior.kl().mean()
-        loss = tv.l1_weight * terms["l1"] + tv.ssim_weight * (1 - terms["ssim"]) \
-            + tv.kl_weight * kl
+        loss = tv.l1_weight * terms["l1"] + tv.ssim_weight * (1 - terms["ssim"]) + tv.kl_weight * kl
         if perceptual is not None:
             loss = loss + tv.lpips_weight * terms["lpips"]
         adversarial = disc is not None and trainer.state.step >= tv.disc_start
@@ -456,14 +488,21 @@ def worker(payload: dict[str, Any]) -> None:
             if initial_loss is None:
                 initial_loss = last["loss"]
             samples = window_steps * trainer.global_batch
-            last.update(lr=trainer.lr(), grad_norm=trainer.grad_norm(),
-                        samples_per_s=samples / elapsed, frames_per_s=samples * tv.crop_frames
-                        / elapsed, step_time_s=elapsed / window_steps)  # fmt: skip
+            last.update(
+                lr=trainer.lr(),
+                grad_norm=trainer.grad_norm(),
+                samples_per_s=samples / elapsed,
+                frames_per_s=samples * tv.crop_frames / elapsed,
+                step_time_s=elapsed / window_steps,
+            )
             trainer.log({f"train/{k}" if k in record else k: v for k, v in last.items()})
             if rank0:
-                print(f"train_vae: step {step}/{train.steps} loss {last['loss']:.4f} "
-                      f"(l1 {last['l1']:.4f}, ssim {last['ssim']:.3f}) "
-                      f"{last['frames_per_s']:.1f} frames/s", flush=True)
+                print(
+                    f"train_vae: step {step}/{train.steps} loss {last['loss']:.4f} "
+                    f"(l1 {last['l1']:.4f}, ssim {last['ssim']:.3f}) "
+                    f"{last['frames_per_s']:.1f} frames/s",
+                    flush=True,
+                )
             window_start, window_steps = time.perf_counter(), 0
         paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
         if rank0 and val_views and (step % eval_every == 0 or step == train.steps):
@@ -483,10 +522,15 @@ def worker(payload: dict[str, Any]) -> None:
         (out_dir / HISTORY_NAME).write_text(json.dumps(history))
     if trainer.state.step < train.steps or not rank0:
         return  # stopped early on purpose (stop_at), or not the rank that writes outputs
-    final = {"initial_loss": initial_loss, "final_loss": last.get("loss"),
-             "frames_per_s": last.get("frames_per_s"), "samples_per_s": last.get("samples_per_s"),
-             "step_time_s": last.get("step_time_s"), "loop_seconds": train_time,
-             "precision": tr.precision(train)}  # fmt: skip
+    final = {
+        "initial_loss": initial_loss,
+        "final_loss": last.get("loss"),
+        "frames_per_s": last.get("frames_per_s"),
+        "samples_per_s": last.get("samples_per_s"),
+        "step_time_s": last.get("step_time_s"),
+        "loop_seconds": train_time,
+        "precision": tr.precision(train),
+    }
     _finish(cfg, payload, trainer, clips, val_views, dataset, final)
 
 
@@ -508,12 +552,20 @@ def _load_disc(path: Path, disc: nn.Module, disc_opt: Any, device: torch.device)
     if not (path / DISC_WEIGHTS).exists():  # the discriminator was off when this was saved
         return
     disc.load_state_dict(load_file(str(path / DISC_WEIGHTS), device=str(device)))
-    disc_opt.load_state_dict(torch.load(path / DISC_OPTIMIZER, map_location=device,
-                                        weights_only=True))
+    disc_opt.load_state_dict(
+        torch.load(path / DISC_OPTIMIZER, map_location=device, weights_only=True)
+    )
 
 
-def _finish(cfg: TesseraConfig, payload: dict[str, Any], trainer: Any, clips: dict[str, Any],
-            val_views: list[torch.Tensor], dataset: CropDataset, final: dict[str, Any]) -> None:
+def _finish(
+    cfg: TesseraConfig,
+    payload: dict[str, Any],
+    trainer: Any,
+    clips: dict[str, Any],
+    val_views: list[torch.Tensor],
+    dataset: CropDataset,
+    final: dict[str, Any],
+) -> None:
     """Rank 0 after the last step: latent stats, save, held-out metrics, reconstruction videos."""
     from components import trainer as tr
 
@@ -525,9 +577,11 @@ def _finish(cfg: TesseraConfig, payload: dict[str, Any], trainer: Any, clips: di
 
     # Latent statistics over training crops (their valid regions), then save.
     stream = tr.ResumableSampler(len(dataset), seed=cfg.seed + 1)
-    crops = [dataset.crop(STATS_POSITION + k, i)
-             for k, i in zip(range(max(1, tv.stats_samples)), stream, strict=False)]
-    valid = ((c["video"][:, :t, :h, :w] for c in crops for t, h, w in [c["valid"].tolist()]))
+    crops = [
+        dataset.crop(STATS_POSITION + k, i)
+        for k, i in zip(range(max(1, tv.stats_samples)), stream, strict=False)
+    ]
+    valid = (c["video"][:, :t, :h, :w] for c in crops for t, h, w in [c["valid"].tolist()])
     with tr.maybe_autocast(tv.train):
         shift, scale = compute_latent_stats(vae, (v[None].to(trainer.device) for v in valid))
     vae.set_latent_stats(shift, scale)
@@ -539,23 +593,37 @@ def _finish(cfg: TesseraConfig, payload: dict[str, Any], trainer: Any, clips: di
     val_recons = [reconstruct(vae, v, chunk) for v in val_views]
     val_psnr, val_ssim = score(val_views, val_recons)
     for clip, video, recon in zip(clips["val"], val_views, val_recons, strict=True):
-        videos.append(fr.write_comparison(recon_dir / f"val_{clip.name}.mp4", video, recon, clip.fps))
+        videos.append(
+            fr.write_comparison(recon_dir / f"val_{clip.name}.mp4", video, recon, clip.fps)
+        )
     held: dict[str, dict[str, float]] = {}
     tf, s = vae.temporal_factor, vae.spatial_factor
     for clip in clips["holdout"]:
         video = fr.encode_pixels(clip, cfg.encode, s, tf)
         recon = reconstruct(vae, video, chunk)
         p, q = score([video], [recon])
-        held[clip.name] = {"psnr": p, "ssim": q, "frames": video.shape[1],
-                           "height": video.shape[2], "width": video.shape[3]}  # fmt: skip
-        videos.append(fr.write_comparison(recon_dir / f"holdout_{clip.name}.mp4", video, recon,
-                                          clip.fps))  # fmt: skip
+        held[clip.name] = {
+            "psnr": p,
+            "ssim": q,
+            "frames": video.shape[1],
+            "height": video.shape[2],
+            "width": video.shape[3],
+        }
+        videos.append(
+            fr.write_comparison(recon_dir / f"holdout_{clip.name}.mp4", video, recon, clip.fps)
+        )
     if not clips["holdout"]:
-        print(f"train_vae: no held-out clips matching {list(tv.holdout)} in the manifest; "
-              "holdout_psnr / holdout_ssim are not reported")  # fmt: skip
+        print(
+            f"train_vae: no held-out clips matching {list(tv.holdout)} in the manifest; "
+            "holdout_psnr / holdout_ssim are not reported"
+        )
 
-    metrics = {"val_psnr": val_psnr, "val_ssim": val_ssim,
-               "latent_shift": shift, "latent_scale": scale}  # fmt: skip
+    metrics = {
+        "val_psnr": val_psnr,
+        "val_ssim": val_ssim,
+        "latent_shift": shift,
+        "latent_scale": scale,
+    }
     if held:
         metrics["holdout_psnr"] = float(np.mean([v["psnr"] for v in held.values()]))
         metrics["holdout_ssim"] = float(np.mean([v["ssim"] for v in held.values()]))
@@ -571,11 +639,16 @@ def _finish(cfg: TesseraConfig, payload: dict[str, Any], trainer: Any, clips: di
         for path in videos:
             client.log_artifact(run_id, str(path), RECONSTRUCTIONS)
     result = {
-        **final, **metrics, "steps": trainer.state.step, "holdout": held,
-        "val_source": clips["val_source"], "val_clips": [c.name for c in clips["val"]],
-        "train_clips": len(clips["train"]), "parameters": vae.num_parameters(),
+        **final,
+        **metrics,
+        "steps": trainer.state.step,
+        "holdout": held,
+        "val_source": clips["val_source"],
+        "val_clips": [c.name for c in clips["val"]],
+        "train_clips": len(clips["train"]),
+        "parameters": vae.num_parameters(),
         "reconstructions": [p.relative_to(out_dir).as_posix() for p in videos],
-    }  # fmt: skip
+    }
     (out_dir / RESULT_NAME).write_text(json.dumps(result, indent=2, default=_json_number))
 
 
@@ -586,29 +659,45 @@ def _json_number(value: Any) -> Any:
 # --------------------------------------------------------------------------- the pipeline step
 
 
-def build_payload(cfg: TesseraConfig, manifest: str, out_dir: Path, checkpoint_dir: Path, *,
-                  mlflow_run_id: str | None = None, stop_at: int | None = None) -> dict[str, Any]:
+def build_payload(
+    cfg: TesseraConfig,
+    manifest: str,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    *,
+    mlflow_run_id: str | None = None,
+    stop_at: int | None = None,
+) -> dict[str, Any]:
     """What :func:`worker` reads (JSON). ``stop_at``: stop after that step with a checkpoint,
     as a pre-empted run would, without writing the model. The precision is resolved
     (:func:`components.trainer.resolve_precision`)."""
     from components.trainer import resolve_precision
 
-    return {"cfg": to_dict(resolve_precision(cfg)), "manifest": str(manifest),
-            "out_dir": str(out_dir), "checkpoint_dir": str(checkpoint_dir),
-            "mlflow_run_id": mlflow_run_id, "stop_at": stop_at}  # fmt: skip
+    return {
+        "cfg": to_dict(resolve_precision(cfg)),
+        "manifest": str(manifest),
+        "out_dir": str(out_dir),
+        "checkpoint_dir": str(checkpoint_dir),
+        "mlflow_run_id": mlflow_run_id,
+        "stop_at": stop_at,
+    }
 
 
 def check_config(tv: TrainVAEConfig) -> None:
     """Fail before launching processes on settings the worker would trip over."""
     tf = tv.temporal_downsample
     if tv.crop_frames < 1 or (tv.crop_frames - 1) % tf:
-        raise ValueError(f"train_vae.crop_frames={tv.crop_frames} must be 1 + {tf}k "
-                         f"(temporal_downsample={tf}), e.g. {1 + tf * max(1, tv.crop_frames // tf)}")
+        raise ValueError(
+            f"train_vae.crop_frames={tv.crop_frames} must be 1 + {tf}k "
+            f"(temporal_downsample={tf}), e.g. {1 + tf * max(1, tv.crop_frames // tf)}"
+        )
     if min(tv.crop_size) < 1:
         raise ValueError(f"train_vae.crop_size={list(tv.crop_size)} must be positive")
     if tv.train.zero_stage == 3:
-        raise ValueError("train_vae.train.zero_stage=3 is not supported: evaluation and export "
-                         "read the whole VAE on rank 0; use stage 0-2 (the VAE is small)")
+        raise ValueError(
+            "train_vae.train.zero_stage=3 is not supported: evaluation and export "
+            "read the whole VAE on rank 0; use stage 0-2 (the VAE is small)"
+        )
     if tv.lpips_weights:
         load_lpips(tv.lpips_weights)  # raises a clear error when the file is missing
 
@@ -625,12 +714,13 @@ def load_vae(uri: str, device: str | torch.device = "cpu") -> CausalVAE:
             for name in names:
                 storage.download_file(storage.join(candidate, name), Path(tmp) / name)
             return CausalVAE.from_pretrained(tmp, device=device)
-    raise FileNotFoundError(f"no VAE (config.json + model.safetensors) in {uri} or {uri}/vae; "
-                            "pass the train_vae step's 'vae' output")
+    raise FileNotFoundError(
+        f"no VAE (config.json + model.safetensors) in {uri} or {uri}/vae; "
+        "pass the train_vae step's 'vae' output"
+    )
 
 
-def run(cfg: TesseraConfig, workdir: Path, manifest: str,
-        checkpoint_dir: str | Path) -> StepResult:
+def run(cfg: TesseraConfig, workdir: Path, manifest: str, checkpoint_dir: str | Path) -> StepResult:
     """Train the VAE on ``manifest`` with DeepSpeed; see the module docstring.
 
     Args:
@@ -649,8 +739,9 @@ def run(cfg: TesseraConfig, workdir: Path, manifest: str,
     check_config(tv)
     active = mlflow.active_run()
     ckpt = Path(checkpoint_dir)
-    payload = build_payload(cfg, manifest, workdir, ckpt,
-                            mlflow_run_id=active.info.run_id if active else None)
+    payload = build_payload(
+        cfg, manifest, workdir, ckpt, mlflow_run_id=active.info.run_id if active else None
+    )
     from components.trainer import launch
 
     started = time.perf_counter()
@@ -659,20 +750,46 @@ def run(cfg: TesseraConfig, workdir: Path, manifest: str,
     seconds = time.perf_counter() - started
     shutil.copyfile(log_path, workdir / LOG_NAME)
     result = json.loads((workdir / RESULT_NAME).read_text())
-    keys = ("final_loss", "initial_loss", "val_psnr", "val_ssim", "holdout_psnr", "holdout_ssim",
-            "latent_shift", "latent_scale", "frames_per_s", "samples_per_s", "step_time_s")
-    numbers = {k: float(result[k]) for k in keys
-               if result.get(k) is not None and math.isfinite(float(result[k]))}
+    keys = (
+        "final_loss",
+        "initial_loss",
+        "val_psnr",
+        "val_ssim",
+        "holdout_psnr",
+        "holdout_ssim",
+        "latent_shift",
+        "latent_scale",
+        "frames_per_s",
+        "samples_per_s",
+        "step_time_s",
+    )
+    numbers = {
+        k: float(result[k])
+        for k in keys
+        if result.get(k) is not None and math.isfinite(float(result[k]))
+    }
     numbers["train_seconds"] = seconds
     # The worker logged the rest at their training step; these are new to the MLflow run.
-    metrics = {k: numbers[k] for k in ("initial_loss", "final_loss", "train_seconds") if k in numbers}
-    values = {**numbers, "steps": result["steps"], "holdout": result["holdout"],
-              "val_source": result["val_source"], "parameters": result["parameters"],
-              "precision": result["precision"], "checkpoint_dir": str(ckpt), "reconstructions": result["reconstructions"]}  # fmt: skip
-    print(f"train_vae: {result['steps']} steps in {seconds:.0f}s ({result['precision']}), loss "
-          f"{result.get('initial_loss') or math.nan:.4f} -> {result.get('final_loss') or math.nan:.4f}, "
-          f"val PSNR {result['val_psnr']:.2f} dB, holdout PSNR "
-          f"{result.get('holdout_psnr', math.nan):.2f} dB; scale {result['latent_scale']:.4f}, "
-          f"shift {result['latent_shift']:.4f}")
-    return StepResult(files={"vae": VAE_DIR}, values=values, metrics=metrics,
-                      artifacts=[LOG_NAME, RESULT_NAME])
+    metrics = {
+        k: numbers[k] for k in ("initial_loss", "final_loss", "train_seconds") if k in numbers
+    }
+    values = {
+        **numbers,
+        "steps": result["steps"],
+        "holdout": result["holdout"],
+        "val_source": result["val_source"],
+        "parameters": result["parameters"],
+        "precision": result["precision"],
+        "checkpoint_dir": str(ckpt),
+        "reconstructions": result["reconstructions"],
+    }
+    print(
+        f"train_vae: {result['steps']} steps in {seconds:.0f}s ({result['precision']}), loss "
+        f"{result.get('initial_loss') or math.nan:.4f} -> {result.get('final_loss') or math.nan:.4f}, "
+        f"val PSNR {result['val_psnr']:.2f} dB, holdout PSNR "
+        f"{result.get('holdout_psnr', math.nan):.2f} dB; scale {result['latent_scale']:.4f}, "
+        f"shift {result['latent_shift']:.4f}"
+    )
+    return StepResult(
+        files={"vae": VAE_DIR}, values=values, metrics=metrics, artifacts=[LOG_NAME, RESULT_NAME]
+    )

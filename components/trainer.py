@@ -63,9 +63,17 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
     payload_path.write_text(json.dumps(payload, indent=2, default=str))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
-        str(torchrun), "--standalone", "--nnodes", "1", "--nproc-per-node", str(num_processes),
-        "-m", "components.trainer", entry, str(payload_path),
-    ]  # fmt: skip
+        str(torchrun),
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(num_processes),
+        "-m",
+        "components.trainer",
+        entry,
+        str(payload_path),
+    ]
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -179,12 +187,18 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     position (global samples consumed) is all a resume needs.
     """
 
-    def __init__(self, num_items: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(
+        self, num_items: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ):
         if num_items < 1:
             raise ValueError("ResumableSampler needs at least one item")
         self.n, self.seed, self.rank, self.world_size, self.start = (
-            num_items, seed, rank, world_size, start,
-        )  # fmt: skip
+            num_items,
+            seed,
+            rank,
+            world_size,
+            start,
+        )
 
     def _perm(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -223,7 +237,9 @@ def lr_lambda(train: TrainConfig):
             return 1.0
         span = max(1, train.steps - train.warmup_steps)
         progress = min(1.0, (step - train.warmup_steps) / span)
-        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
     return factor
 
@@ -436,7 +452,9 @@ class Trainer:
         if self.ema is not None and self.rank == 0:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in self.ema.items()}, str(path / "ema.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in self.ema.items()}, str(path / "ema.safetensors")
+            )
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
@@ -454,9 +472,11 @@ class Trainer:
             return None
         path = found[-1]
         _, client_state = self.engine.load_checkpoint(
-            str(self.checkpoint_dir), tag=path.name, load_optimizer_states=True,
+            str(self.checkpoint_dir),
+            tag=path.name,
+            load_optimizer_states=True,
             load_lr_scheduler_states=True,
-        )  # fmt: skip
+        )
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -464,7 +484,9 @@ class Trainer:
             from safetensors.torch import load_file
 
             self.ema = load_file(str(path / "ema.safetensors"))
-        self.state = TrainState(step=int(client_state["step"]), samples=int(client_state["samples"]))
+        self.state = TrainState(
+            step=int(client_state["step"]), samples=int(client_state["samples"])
+        )
         return client_state
 
     def export_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:

@@ -43,9 +43,21 @@ DATA_DOCS_SITE = "tessera"
 
 # DESIGN §2 columns, in their documented order; extra columns are allowed after them.
 REQUIRED_COLUMNS = (
-    "clip_id", "uri", "bytes", "container", "codec", "width", "height", "fps", "num_frames",
-    "duration_s", "split", "caption", "caption_source", "short_caption",
-)  # fmt: skip
+    "clip_id",
+    "uri",
+    "bytes",
+    "container",
+    "codec",
+    "width",
+    "height",
+    "fps",
+    "num_frames",
+    "duration_s",
+    "split",
+    "caption",
+    "caption_source",
+    "short_caption",
+)
 DERIVED_COLUMNS = ("row_index", "is_video", "aspect", "is_val")
 EXAMPLES = 5  # failing values quoted per expectation in error messages
 
@@ -81,33 +93,56 @@ def build_suite(vcfg: ValidateConfig) -> gx.ExpectationSuite:
 
     def between(column: str, bounds: tuple[float, float], key: str, **kwargs):
         lo, hi = bounds
-        return row_level(E.ExpectColumnValuesToBeBetween, key, column=column,
-                         min_value=lo, max_value=hi, **kwargs)  # fmt: skip
+        return row_level(
+            E.ExpectColumnValuesToBeBetween,
+            key,
+            column=column,
+            min_value=lo,
+            max_value=hi,
+            **kwargs,
+        )
 
     expectations = [
-        critical(E.ExpectTableColumnsToMatchSet, column_set=list(REQUIRED_COLUMNS),
-                 exact_match=False),  # fmt: skip
+        critical(
+            E.ExpectTableColumnsToMatchSet, column_set=list(REQUIRED_COLUMNS), exact_match=False
+        ),
         critical(E.ExpectTableRowCountToBeBetween, min_value=1),
         critical(E.ExpectColumnValuesToNotBeNull, column="clip_id"),
         critical(E.ExpectColumnValuesToNotBeNull, column="uri"),
         critical(E.ExpectColumnValuesToBeUnique, column="clip_id"),
-        critical(E.ExpectColumnMeanToBeBetween, "validate.val_fraction_range", column="is_val",
-                 min_value=vcfg.val_fraction_range[0], max_value=vcfg.val_fraction_range[1]),
-        between("fps", vcfg.fps_range, "validate.fps_range",
-                row_condition=Column("is_video") == True),  # noqa: E712  (images have fps 0)
+        critical(
+            E.ExpectColumnMeanToBeBetween,
+            "validate.val_fraction_range",
+            column="is_val",
+            min_value=vcfg.val_fraction_range[0],
+            max_value=vcfg.val_fraction_range[1],
+        ),
+        between(  # images have fps 0: the fps range is for videos only
+            "fps",
+            vcfg.fps_range,
+            "validate.fps_range",
+            row_condition=Column("is_video") == True,  # noqa: E712 (a GX row condition)
+        ),
         between("width", vcfg.width_range, "validate.width_range"),
         between("height", vcfg.height_range, "validate.height_range"),
         between("num_frames", vcfg.num_frames_range, "validate.num_frames_range"),
         between("duration_s", vcfg.duration_range_s, "validate.duration_range_s"),
         between("aspect", vcfg.aspect_range, "validate.aspect_range"),
-        row_level(E.ExpectColumnValueLengthsToBeBetween, "validate.caption_chars_range",
-                  column="caption", min_value=vcfg.caption_chars_range[0],
-                  max_value=vcfg.caption_chars_range[1]),
-        row_level(E.ExpectColumnValuesToBeInSet, column="caption_source",
-                  value_set=list(mf.CAPTION_SOURCES)),  # nulls pass: not every clip has a caption
+        row_level(
+            E.ExpectColumnValueLengthsToBeBetween,
+            "validate.caption_chars_range",
+            column="caption",
+            min_value=vcfg.caption_chars_range[0],
+            max_value=vcfg.caption_chars_range[1],
+        ),
+        row_level(
+            E.ExpectColumnValuesToBeInSet,
+            column="caption_source",
+            value_set=list(mf.CAPTION_SOURCES),
+        ),  # nulls pass: not every clip has a caption
         row_level(E.ExpectColumnValuesToNotBeNull, column="split"),
         row_level(E.ExpectColumnValuesToBeInSet, column="split", value_set=list(mf.SPLITS)),
-    ]  # fmt: skip
+    ]
     return gx.ExpectationSuite(
         name=SUITE_NAME,
         expectations=expectations,
@@ -144,14 +179,21 @@ def run(
     bad_rows = sorted({i for o in row_flags for i in o["rows"]})
     max_fraction = 1.0 - vcfg.mostly
     if rows_in and len(bad_rows) / rows_in > max_fraction + 1e-12:
-        failures.append({
-            "name": "row_level_total", "severity": "warning", "success": False,
-            "unexpected_count": len(bad_rows), "element_count": rows_in,
-            "detail": (f"{len(bad_rows)} of {rows_in} rows fail some row-level expectation "
-                       f"({len(bad_rows) / rows_in:.1%}), above the {max_fraction:.1%} allowed "
-                       f"(validate.mostly={vcfg.mostly})"),
-            "examples": [],
-        })  # fmt: skip
+        failures.append(
+            {
+                "name": "row_level_total",
+                "severity": "warning",
+                "success": False,
+                "unexpected_count": len(bad_rows),
+                "element_count": rows_in,
+                "detail": (
+                    f"{len(bad_rows)} of {rows_in} rows fail some row-level expectation "
+                    f"({len(bad_rows) / rows_in:.1%}), above the {max_fraction:.1%} allowed "
+                    f"(validate.mostly={vcfg.mostly})"
+                ),
+                "examples": [],
+            }
+        )
     if failures:
         failures.sort(key=lambda f: (f["severity"] != "critical", bool(f.get("error"))))
         raise ValidationFailed(_summary(manifest, failures), failures)
@@ -293,9 +335,11 @@ def _outcome(result: dict[str, Any], rows_in: int) -> dict[str, Any]:
     column = config["kwargs"].get("column")
     unexpected = details.get("unexpected_index_list") or []
     error = _exception_message(result.get("exception_info") or {})
-    examples = [
-        {"uri": u.get("uri"), "value": _plain(u.get(column))} for u in unexpected[:EXAMPLES]
-    ] if column else []  # fmt: skip
+    examples = (
+        [{"uri": u.get("uri"), "value": _plain(u.get(column))} for u in unexpected[:EXAMPLES]]
+        if column
+        else []
+    )
     return {
         "name": expectation_name(config),
         "type": config["type"],
@@ -399,15 +443,17 @@ def _quarantine_rows(
     for i in sorted(reasons):
         record = frame.iloc[i]
         first = reasons[i][0][0]
-        rows.append({
-            "uri": record["uri"],
-            "reason": first["name"],
-            "message": "; ".join(_row_message(o, v) for o, v in reasons[i]),
-            "bytes": _scalar(record, "bytes", columns),
-            "sha256": _scalar(record, "clip_id", columns),
-            "step": "validate",
-            "source_version": _scalar(record, "source_version", columns),
-        })  # fmt: skip
+        rows.append(
+            {
+                "uri": record["uri"],
+                "reason": first["name"],
+                "message": "; ".join(_row_message(o, v) for o, v in reasons[i]),
+                "bytes": _scalar(record, "bytes", columns),
+                "sha256": _scalar(record, "clip_id", columns),
+                "step": "validate",
+                "source_version": _scalar(record, "source_version", columns),
+            }
+        )
     return mf.table_from_rows(rows, mf.QUARANTINE_SCHEMA)
 
 

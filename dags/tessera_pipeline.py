@@ -119,15 +119,31 @@ def tessera_pipeline():
 
     @task(retries=0)
     def finish(
-        run: dict, ingested: dict, validated: dict, versioned: dict, vae: dict, latents: dict,
-        dit: dict, sampled: dict, evaluated: dict, params=None,
+        run: dict,
+        ingested: dict,
+        validated: dict,
+        versioned: dict,
+        vae: dict,
+        latents: dict,
+        dit: dict,
+        sampled: dict,
+        evaluated: dict,
+        params=None,
     ) -> dict:
         from components import pipeline
 
         return pipeline.finish(
-            dict(params), run, ingest=ingested, validate=validated, version=versioned,
-            train_vae=vae, encode=latents, train_dit=dit, samples=sampled, prompt_eval=evaluated,
-        )  # fmt: skip
+            dict(params),
+            run,
+            ingest=ingested,
+            validate=validated,
+            version=versioned,
+            train_vae=vae,
+            encode=latents,
+            train_dit=dit,
+            samples=sampled,
+            prompt_eval=evaluated,
+        )
 
     run = start()
     raw = corpus(run)

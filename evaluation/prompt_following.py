@@ -36,8 +36,11 @@ def segment_distance(points: np.ndarray, segment: Segment) -> np.ndarray:
     a, b = (np.asarray(end, np.float32) for end in segment)
     ab = b - a
     length = float(ab @ ab)
-    t = np.zeros(len(points), np.float32) if length == 0 else np.clip(
-        (points - a) @ ab / length, 0.0, 1.0)
+    t = (
+        np.zeros(len(points), np.float32)
+        if length == 0
+        else np.clip((points - a) @ ab / length, 0.0, 1.0)
+    )
     return np.linalg.norm(points - (a + t[:, None] * ab), axis=1)
 
 
@@ -76,8 +79,9 @@ def dominant_colour(
     if pixels.size == 0:
         raise ValueError("dominant_colour got an empty clip")
     names = list(palette)
-    colours = np.array([[f * v for v in palette[n]] for f in shades for n in names],
-                       dtype=np.float32)  # (S * K, 3): shade-major
+    colours = np.array(
+        [[f * v for v in palette[n]] for f in shades for n in names], dtype=np.float32
+    )  # (S * K, 3): shade-major
     far = segment_distance(pixels, background) > min_distance
     fg = pixels[far]
     fraction = float(far.mean())
@@ -96,7 +100,7 @@ def poisson_binomial_tail(probabilities: Sequence[float], successes: int) -> flo
     for p in probabilities:
         dist[1:] = dist[1:] * (1 - p) + dist[:-1] * p
         dist[0] *= 1 - p
-    return float(min(1.0, dist[max(0, successes):].sum()))
+    return float(min(1.0, dist[max(0, successes) :].sum()))
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,11 @@ def score(trials: Sequence[Trial]) -> FollowingScore:
     chances = [1.0 / t.variants for t in trials]
     correct = sum(t.correct for t in trials)
     return FollowingScore(
-        trials=len(trials), correct=correct, accuracy=correct / len(trials),
-        chance=float(np.mean(chances)), p_value=poisson_binomial_tail(chances, correct),
+        trials=len(trials),
+        correct=correct,
+        accuracy=correct / len(trials),
+        chance=float(np.mean(chances)),
+        p_value=poisson_binomial_tail(chances, correct),
         bases=len({t.base for t in trials}),
     )
 
@@ -147,5 +154,14 @@ def contrasting(palette: Mapping[str, RGB], background: Segment, min_contrast: f
     return [n for n, keep in zip(names, far, strict=True) if keep]
 
 
-__all__ = ["ColourVote", "FollowingScore", "Segment", "Trial", "contrasting", "dominant_colour",
-           "poisson_binomial_tail", "score", "segment_distance"]
+__all__ = [
+    "ColourVote",
+    "FollowingScore",
+    "Segment",
+    "Trial",
+    "contrasting",
+    "dominant_colour",
+    "poisson_binomial_tail",
+    "score",
+    "segment_distance",
+]

@@ -448,8 +448,9 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) ->
         # split, not slices: the backward of a split is one cat, of a slice a full-size zero fill
         sizes = [run.count * run.length for run in ctx.runs]
         outs = []
-        for run, qs, ks, vs in zip(ctx.runs, q.split(sizes), k.split(sizes), v.split(sizes),
-                                   strict=True):  # fmt: skip
+        for run, qs, ks, vs in zip(
+            ctx.runs, q.split(sizes), k.split(sizes), v.split(sizes), strict=True
+        ):
             qs, ks, vs = (
                 rearrange(s, "(b n) h d -> b h n d", b=run.count) for s in (qs, ks, vs)
             )  # (count, H, L, hd) strided views, no copy
@@ -476,8 +477,9 @@ def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Te
     if ctx.backend == "sdpa_segments":
         sizes, counts = [r.count * r.length for r in ctx.runs], [r.count for r in ctx.runs]
         outs = []
-        for run, qs, ks, vs in zip(ctx.runs, q.split(sizes), k.split(counts), v.split(counts),
-                                   strict=True):  # fmt: skip
+        for run, qs, ks, vs in zip(
+            ctx.runs, q.split(sizes), k.split(counts), v.split(counts), strict=True
+        ):
             qs = rearrange(qs, "(b n) h d -> b h n d", b=run.count)  # (count, H, L, hd)
             ks, vs = (rearrange(s, "b l h d -> b h l d") for s in (ks, vs))  # (count, H, Lt, hd)
             if _use_matmul_attention(qs, ks.shape[-2]):
@@ -648,7 +650,8 @@ class DiT(nn.Module):
         )
         self.pooled_embedder = (
             nn.Sequential(nn.Linear(config.text_dim, d), nn.SiLU(), nn.Linear(d, d))
-            if config.pooled_text else None
+            if config.pooled_text
+            else None
         )
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         self.final_layer = FinalLayer(config)

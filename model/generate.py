@@ -107,15 +107,17 @@ def video_size(
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if multiple < 1 or temporal_factor < 1:
-        raise ValueError(f"multiple and temporal_factor must be >= 1, got {multiple}, "
-                         f"{temporal_factor}")
+        raise ValueError(
+            f"multiple and temporal_factor must be >= 1, got {multiple}, {temporal_factor}"
+        )
     frames = 1 + temporal_factor * math.ceil((frames - 1) / temporal_factor)
     height = multiple * math.floor(math.sqrt(max_pixels * h_ratio / w_ratio) / multiple)
     width = multiple * math.floor(math.sqrt(max_pixels * w_ratio / h_ratio) / multiple)
     if height < multiple or width < multiple:
         raise ValueError(
             f"max_pixels={max_pixels} is too small for aspect {aspect} at multiples of {multiple} "
-            f"(the short side would be below {multiple}); raise max_pixels")
+            f"(the short side would be below {multiple}); raise max_pixels"
+        )
     return frames, height, width
 
 
@@ -144,22 +146,29 @@ def load_flow_config(path: str | Path) -> FlowConfig:
 
 def check_pretrained(vae_dir: str | Path, dit_dir: str | Path) -> None:
     """Raise FileNotFoundError naming the first missing model file and the step that writes it."""
-    _require_files(Path(vae_dir), VAE_FILES, "VAE",
-                   "the train_vae step (CausalVAE.save_pretrained)")
+    _require_files(
+        Path(vae_dir), VAE_FILES, "VAE", "the train_vae step (CausalVAE.save_pretrained)"
+    )
     _require_files(Path(dit_dir), DIT_FILES, "DiT", "the train_dit step (DiT.save_pretrained)")
-    _require_files(Path(dit_dir), (FLOW_CONFIG_NAME,), "DiT's flow schedule",
-                   "the train_dit step (the FlowConfig it trained with, as JSON)")
+    _require_files(
+        Path(dit_dir),
+        (FLOW_CONFIG_NAME,),
+        "DiT's flow schedule",
+        "the train_dit step (the FlowConfig it trained with, as JSON)",
+    )
 
 
 def _require_files(directory: Path, names: Sequence[str], what: str, producer: str) -> None:
     if not directory.is_dir():
         raise FileNotFoundError(
-            f"{what} directory {directory} does not exist; it is written by {producer}")
+            f"{what} directory {directory} does not exist; it is written by {producer}"
+        )
     for name in names:
         if not (directory / name).is_file():
             raise FileNotFoundError(
                 f"{directory / name} is missing: the {what} needs {', '.join(names)} in "
-                f"{directory}, written by {producer}")
+                f"{directory}, written by {producer}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,14 +218,18 @@ class VideoGenerator:
         if vae.config.latent_channels != dit.config.in_channels:
             raise ValueError(
                 f"the VAE has {vae.config.latent_channels} latent channels but the DiT expects "
-                f"in_channels={dit.config.in_channels}; use the VAE the DiT was trained on")
+                f"in_channels={dit.config.in_channels}; use the VAE the DiT was trained on"
+            )
         if dit.config.output_channels != dit.config.in_channels:
-            raise ValueError(f"the DiT predicts {dit.config.output_channels} channels for "
-                             f"{dit.config.in_channels} input channels; sampling needs them equal")
+            raise ValueError(
+                f"the DiT predicts {dit.config.output_channels} channels for "
+                f"{dit.config.in_channels} input channels; sampling needs them equal"
+            )
         if int(text_encoder.dim) != dit.config.text_dim:
             raise ValueError(
                 f"the text encoder gives {text_encoder.dim}-dim states but the DiT was trained "
-                f"with text_dim={dit.config.text_dim}; load the encoder it was trained with")
+                f"with text_dim={dit.config.text_dim}; load the encoder it was trained with"
+            )
         self.device = torch.device(device)
         self.vae = vae.to(self.device).eval()
         self.dit = dit.to(self.device).eval()
@@ -268,8 +281,13 @@ class VideoGenerator:
         """:func:`video_size` with this model's multiples and ``max_pixels`` (required)."""
         if self.max_pixels is None:
             raise ValueError("video_size needs max_pixels; pass it to the VideoGenerator")
-        return video_size(aspect, frames, self.max_pixels, self.size_multiple,
-                          temporal_factor=self.vae.temporal_factor)
+        return video_size(
+            aspect,
+            frames,
+            self.max_pixels,
+            self.size_multiple,
+            temporal_factor=self.vae.temporal_factor,
+        )
 
     def check_size(self, frames: int, height: int, width: int) -> None:
         """Raise a ValueError saying what to change if (frames, height, width) is not valid."""
@@ -281,8 +299,10 @@ class VideoGenerator:
             up = 1 + tf * math.ceil(max(frames - 1, 0) / tf)
             problems.append(f"frames={frames} is not 1 + {tf}k (try {up})")
         elif (1 + (frames - 1) // tf) % pt:
-            problems.append(f"frames={frames} gives {1 + (frames - 1) // tf} latent frames, not "
-                            f"a multiple of the DiT's temporal patch {pt}")
+            problems.append(
+                f"frames={frames} gives {1 + (frames - 1) // tf} latent frames, not "
+                f"a multiple of the DiT's temporal patch {pt}"
+            )
         if height < mh or height % mh:
             problems.append(f"height={height} is not a positive multiple of {mh}")
         if width < mw or width % mw:
@@ -290,13 +310,15 @@ class VideoGenerator:
         if self.max_frames is not None and frames > self.max_frames:
             problems.append(f"frames={frames} exceeds max_frames={self.max_frames}")
         if self.max_pixels is not None and height * width > self.max_pixels:
-            problems.append(f"{height}x{width}={height * width} pixels exceeds "
-                            f"max_pixels={self.max_pixels}")
+            problems.append(
+                f"{height}x{width}={height * width} pixels exceeds max_pixels={self.max_pixels}"
+            )
         if problems:
             raise ValueError(
                 f"invalid size (frames, height, width)={(frames, height, width)}: "
                 f"{'; '.join(problems)}. video_size(aspect, frames, max_pixels, "
-                f"{self.size_multiple}) gives a valid one")
+                f"{self.size_multiple}) gives a valid one"
+            )
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, t, h, w) of a valid clip."""
@@ -309,9 +331,7 @@ class VideoGenerator:
         states, mask = self.text_encoder.encode(list(prompts))  # (B, L, Dt), (B, L)
         return states.to(self.device, torch.float32), mask.to(self.device).bool()
 
-    def _null_text(
-        self, negatives: Sequence[str | None]
-    ) -> tuple[Tensor | None, Tensor | None]:
+    def _null_text(self, negatives: Sequence[str | None]) -> tuple[Tensor | None, Tensor | None]:
         """Per-row null condition: the row's negative prompt, else no text (all-False mask)."""
         rows = [i for i, n in enumerate(negatives) if n is not None]
         if not rows:
@@ -343,29 +363,47 @@ class VideoGenerator:
             videos.append(video[0].float().clamp(-1.0, 1.0))  # (3, T, H, W)
         return videos
 
-    def _sample_pack(self, clips: Sequence[_Clip], steps: int, guidance: float,
-                     sampler: str) -> list[Tensor]:
+    def _sample_pack(
+        self, clips: Sequence[_Clip], steps: int, guidance: float, sampler: str
+    ) -> list[Tensor]:
         """Sample clips of any sizes in one packed batch -> normalised latents (C, t, h, w)."""
         patch = self.dit.config.patch_size
         dtype = next(self.dit.parameters()).dtype
-        noises = [c.noise if c.noise is not None else
-                  self.noise(c.seed, c.frames, c.height, c.width) for c in clips]
+        noises = [
+            c.noise if c.noise is not None else self.noise(c.seed, c.frames, c.height, c.width)
+            for c in clips
+        ]
         pieces = [patchify(z.to(self.device, dtype), patch) for z in noises]  # (L_i, D) each
         grids = [tuple(n // p for n, p in zip(z.shape[1:], patch, strict=True)) for z in noises]
         coords, cu_seqlens = pack_for_sampling(grids, device=self.device)
         text, text_mask = self._encode_text([c.prompt for c in clips])  # (B, L, Dt), (B, L)
         null, null_mask = self._null_text([c.negative for c in clips])
         tokens = self.flow.sample(
-            self.dit, coords, cu_seqlens, text, text_mask, steps=steps, guidance=guidance,
-            method=sampler, null_text=null, null_mask=null_mask,
+            self.dit,
+            coords,
+            cu_seqlens,
+            text,
+            text_mask,
+            steps=steps,
+            guidance=guidance,
+            method=sampler,
+            null_text=null,
+            null_mask=null_mask,
             noise=torch.cat([tok for tok, _ in pieces]),
         )  # (N, D)
         segments = tokens.split(torch.diff(cu_seqlens).tolist())
         return [unpatchify(seg, grid, patch) for seg, grid in zip(segments, grids, strict=True)]
 
     @torch.no_grad()
-    def _generate(self, clips: Sequence[_Clip], *, steps: int, guidance: float, sampler: str,
-                  token_budget: int | None = None) -> list[Tensor]:
+    def _generate(
+        self,
+        clips: Sequence[_Clip],
+        *,
+        steps: int,
+        guidance: float,
+        sampler: str,
+        token_budget: int | None = None,
+    ) -> list[Tensor]:
         if not clips:
             raise ValueError("nothing to generate: no prompts / requests given")
         if steps < 1:
@@ -376,13 +414,19 @@ class VideoGenerator:
             if not isinstance(c.prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(c.prompt).__name__}")
             self.check_size(c.frames, c.height, c.width)
-        lengths = [math.prod(self.latent_shape(c.frames, c.height, c.width)[1:])
-                   // math.prod(self.dit.config.patch_size) for c in clips]
+        lengths = [
+            math.prod(self.latent_shape(c.frames, c.height, c.width)[1:])
+            // math.prod(self.dit.config.patch_size)
+            for c in clips
+        ]
         budget = max(token_budget or sum(lengths), max(lengths))  # a big clip gets its own pack
         latents: list[Tensor | None] = [None] * len(clips)
         for pack in plan_packs(lengths, budget):
-            for i, z in zip(pack, self._sample_pack([clips[i] for i in pack], steps, guidance,
-                                                    sampler), strict=True):
+            for i, z in zip(
+                pack,
+                self._sample_pack([clips[i] for i in pack], steps, guidance, sampler),
+                strict=True,
+            ):
                 latents[i] = z
         return self._decode(latents)  # type: ignore[arg-type]
 
@@ -416,8 +460,10 @@ class VideoGenerator:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings; wrap the single prompt in [...]")
         negatives = self._negatives(negative, len(prompts))
-        clips = [_Clip(p, frames, height, width, seed + i, n)
-                 for i, (p, n) in enumerate(zip(prompts, negatives, strict=True))]
+        clips = [
+            _Clip(p, frames, height, width, seed + i, n)
+            for i, (p, n) in enumerate(zip(prompts, negatives, strict=True))
+        ]
         videos = self._generate(clips, steps=steps, guidance=guidance, sampler=sampler)
         return torch.stack(videos)
 
@@ -447,12 +493,23 @@ class VideoGenerator:
             unknown = sorted(set(req) - set(REQUEST_KEYS))
             missing = [k for k in ("prompt", "frames", "height", "width") if k not in req]
             if unknown or missing:
-                raise ValueError(f"request {i}: unknown keys {unknown}, missing keys {missing}; "
-                                 f"allowed keys are {list(REQUEST_KEYS)}")
-            clips.append(_Clip(req["prompt"], int(req["frames"]), int(req["height"]),
-                               int(req["width"]), int(req.get("seed", 0)), req.get("negative")))
-        return self._generate(clips, steps=steps, guidance=guidance, sampler=sampler,
-                              token_budget=token_budget)
+                raise ValueError(
+                    f"request {i}: unknown keys {unknown}, missing keys {missing}; "
+                    f"allowed keys are {list(REQUEST_KEYS)}"
+                )
+            clips.append(
+                _Clip(
+                    req["prompt"],
+                    int(req["frames"]),
+                    int(req["height"]),
+                    int(req["width"]),
+                    int(req.get("seed", 0)),
+                    req.get("negative"),
+                )
+            )
+        return self._generate(
+            clips, steps=steps, guidance=guidance, sampler=sampler, token_budget=token_budget
+        )
 
     def prototype_then_full(
         self, prompt: str, frames: int, height: int, width: int, *, scale: float = 0.5, **kw: Any
@@ -485,9 +542,11 @@ class VideoGenerator:
         low_noise = pooled_noise(full_noise, (t, h, w))  # (C, t, h', w')
         settings = {"steps": 30, "guidance": 4.0, "sampler": "euler", **kw}
         (prototype,) = self._generate(
-            [_Clip(prompt, frames, low_h, low_w, seed, negative, noise=low_noise)], **settings)
+            [_Clip(prompt, frames, low_h, low_w, seed, negative, noise=low_noise)], **settings
+        )
         (full,) = self._generate(
-            [_Clip(prompt, frames, height, width, seed, negative, noise=full_noise)], **settings)
+            [_Clip(prompt, frames, height, width, seed, negative, noise=full_noise)], **settings
+        )
         return prototype, full
 
     @torch.no_grad()
@@ -535,23 +594,37 @@ class VideoGenerator:
         batched, video = self._as_batch(video)
         _, _, frames, height, width = video.shape
         if self.max_frames is not None and frames > self.max_frames:
-            raise ValueError(f"the video has {frames} frames, above max_frames={self.max_frames};"
-                             " cut it (load_video(path, max_frames=...))")
+            raise ValueError(
+                f"the video has {frames} frames, above max_frames={self.max_frames};"
+                " cut it (load_video(path, max_frames=...))"
+            )
         if self.max_pixels is not None and height * width > self.max_pixels:
-            raise ValueError(f"the video is {height}x{width}, above max_pixels="
-                             f"{self.max_pixels}; downscale it first")
+            raise ValueError(
+                f"the video is {height}x{width}, above max_pixels="
+                f"{self.max_pixels}; downscale it first"
+            )
         latent, size = self._encode_any(video)  # (B, C, t, h, w) normalised
         remaining = round(strength * steps)
         if remaining > 0:
-            latent = self._sdedit(latent, prompt, negative, remaining, steps, guidance, sampler,
-                                  seed)
+            latent = self._sdedit(
+                latent, prompt, negative, remaining, steps, guidance, sampler, seed
+            )
         out = self._decode_any(latent, size)
         return out if batched else out[0]
 
     # ---- edit helpers ----------------------------------------------------------------------------
 
-    def _sdedit(self, latent: Tensor, prompt: str, negative: str | None, remaining: int,
-                steps: int, guidance: float, sampler: str, seed: int) -> Tensor:
+    def _sdedit(
+        self,
+        latent: Tensor,
+        prompt: str,
+        negative: str | None,
+        remaining: int,
+        steps: int,
+        guidance: float,
+        sampler: str,
+        seed: int,
+    ) -> Tensor:
         """Noise normalised latents (B, C, t, h, w) to the strength's time and denoise."""
         patch = self.dit.config.patch_size
         dtype = next(self.dit.parameters()).dtype
@@ -559,19 +632,32 @@ class VideoGenerator:
         grids = [(t // patch[0], h // patch[1], w // patch[2])] * batch
         coords, cu_seqlens = pack_for_sampling(grids, device=self.device)
         x0 = torch.cat([patchify(z.to(dtype), patch)[0] for z in latent])  # (N, D)
-        noise = torch.cat([
-            patchify(self._noise_like(seed + i, z).to(dtype), patch)[0]
-            for i, z in enumerate(latent)
-        ])  # (N, D)
-        grid = self.flow.timestep_grid(steps, torch.diff(cu_seqlens))[steps - remaining:]
-        seg_ids = torch.repeat_interleave(torch.arange(batch, device=self.device),
-                                          torch.diff(cu_seqlens))  # (N,)
+        noise = torch.cat(
+            [
+                patchify(self._noise_like(seed + i, z).to(dtype), patch)[0]
+                for i, z in enumerate(latent)
+            ]
+        )  # (N, D)
+        grid = self.flow.timestep_grid(steps, torch.diff(cu_seqlens))[steps - remaining :]
+        seg_ids = torch.repeat_interleave(
+            torch.arange(batch, device=self.device), torch.diff(cu_seqlens)
+        )  # (N,)
         x = interpolate(x0, noise, grid[0][seg_ids][:, None].to(dtype))  # (N, D)
         text, text_mask = self._encode_text([prompt] * batch)
         null, null_mask = self._null_text([negative] * batch)
         tokens = self.flow.integrate(
-            self.dit, x, coords, cu_seqlens, grid, text, text_mask, guidance=guidance,
-            method=sampler, null_text=null, null_mask=null_mask)  # (N, D)
+            self.dit,
+            x,
+            coords,
+            cu_seqlens,
+            grid,
+            text,
+            text_mask,
+            guidance=guidance,
+            method=sampler,
+            null_text=null,
+            null_mask=null_mask,
+        )  # (N, D)
         segments = tokens.split(torch.diff(cu_seqlens).tolist())
         return torch.stack([unpatchify(s, g, patch) for s, g in zip(segments, grids, strict=True)])
 
@@ -581,12 +667,15 @@ class VideoGenerator:
 
     def _as_batch(self, video: Tensor) -> tuple[bool, Tensor]:
         if video.ndim not in (4, 5) or video.shape[-4] != 3:
-            raise ValueError(f"video must be (3, T, H, W) or (B, 3, T, H, W); got "
-                             f"{tuple(video.shape)}")
+            raise ValueError(
+                f"video must be (3, T, H, W) or (B, 3, T, H, W); got {tuple(video.shape)}"
+            )
         low, high = float(video.min()), float(video.max())
         if low < -1.01 or high > 1.01:
-            raise ValueError(f"video values must be in [-1, 1], got [{low:.3g}, {high:.3g}]; "
-                             "map uint8 frames with x / 127.5 - 1 (load_video does)")
+            raise ValueError(
+                f"video values must be in [-1, 1], got [{low:.3g}, {high:.3g}]; "
+                "map uint8 frames with x / 127.5 - 1 (load_video does)"
+            )
         batched = video.ndim == 5
         return batched, (video if batched else video[None]).to(self.device)
 
@@ -602,13 +691,17 @@ class VideoGenerator:
         """(B, 3, T, H, W) any size -> normalised posterior-mode latents on a patch-valid grid."""
         _, _, frames, height, width = video.shape
         mh, mw = self.size_multiples
-        padded = (self._valid_frames(frames), mh * math.ceil(height / mh),
-                  mw * math.ceil(width / mw))
+        padded = (
+            self._valid_frames(frames),
+            mh * math.ceil(height / mh),
+            mw * math.ceil(width / mw),
+        )
         pad = (0, padded[2] - width, 0, padded[1] - height, 0, padded[0] - frames)
         video = F.pad(video.float(), pad, mode="replicate")  # (B, 3, T', H', W')
         vae_dtype = next(self.vae.parameters()).dtype
-        posterior, _ = self.vae.encode_video(video.to(vae_dtype),
-                                             chunk_latent_frames=self.vae_chunk_latent_frames)
+        posterior, _ = self.vae.encode_video(
+            video.to(vae_dtype), chunk_latent_frames=self.vae_chunk_latent_frames
+        )
         return self.vae.normalize_latent(posterior.mode()), (frames, height, width)
 
     def _decode_any(self, latent: Tensor, size: tuple[int, int, int]) -> Tensor:
@@ -626,8 +719,10 @@ class VideoGenerator:
         if len(negative) == 1:
             return negative * count
         if len(negative) != count:
-            raise ValueError(f"negative has {len(negative)} prompts for {count} prompts; "
-                             "give one for all or one per prompt")
+            raise ValueError(
+                f"negative has {len(negative)} prompts for {count} prompts; "
+                "give one for all or one per prompt"
+            )
         return negative
 
 
@@ -642,9 +737,11 @@ def _cell_sizes(size_in: int, size_out: int) -> Tensor:
 def pooled_noise(noise: Tensor, size: tuple[int, int, int]) -> Tensor:
     """Area-pool noise (C, t, h, w) to ``size`` and rescale each cell to unit variance."""
     pooled = F.adaptive_avg_pool3d(noise[None].float(), size)[0]  # (C, t', h', w')
-    cells = (_cell_sizes(noise.shape[1], size[0])[:, None, None]
-             * _cell_sizes(noise.shape[2], size[1])[None, :, None]
-             * _cell_sizes(noise.shape[3], size[2])[None, None, :])  # (t', h', w')
+    cells = (
+        _cell_sizes(noise.shape[1], size[0])[:, None, None]
+        * _cell_sizes(noise.shape[2], size[1])[None, :, None]
+        * _cell_sizes(noise.shape[3], size[2])[None, None, :]
+    )  # (t', h', w')
     return (pooled * cells.to(pooled.device).sqrt()).to(noise.dtype)
 
 
@@ -702,8 +799,12 @@ def save_video(video: Tensor, path: Path, fps: int = 12) -> Path:
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         if codec == "libx264":
             # mbtree=0 keeps x264's output reproducible run to run; one thread on shared CPUs
-            stream.options = {"crf": "18", "preset": "fast", "threads": "1",
-                              "x264-params": "mbtree=0"}
+            stream.options = {
+                "crf": "18",
+                "preset": "fast",
+                "threads": "1",
+                "x264-params": "mbtree=0",
+            }
         else:
             stream.codec_context.qscale = 3
             stream.codec_context.thread_count = 1

@@ -77,14 +77,21 @@ class VAEConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
-        for name in ("in_channels", "base_channels", "num_res_blocks", "temporal_downsample",
-                     "spatial_downsample", "latent_channels"):
+        for name in (
+            "in_channels",
+            "base_channels",
+            "num_res_blocks",
+            "temporal_downsample",
+            "spatial_downsample",
+            "latent_channels",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"VAEConfig.{name} must be a positive int, got {value!r}")
         mults = self.channel_multipliers
-        if not mults or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
-                                for m in mults):
+        if not mults or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in mults
+        ):
             raise ValueError(f"VAEConfig.channel_multipliers must be positive ints, got {mults!r}")
         for name in ("spatial_downsample", "temporal_downsample"):
             if not _is_power_of_two(getattr(self, name)):
@@ -94,17 +101,20 @@ class VAEConfig:
             raise ValueError(
                 f"VAEConfig.channel_multipliers has {len(mults)} levels (spatial factor "
                 f"{2 ** (len(mults) - 1)}) but spatial_downsample={self.spatial_downsample} needs "
-                f"log2({self.spatial_downsample}) + 1 = {self.spatial_levels + 1} multipliers")
+                f"log2({self.spatial_downsample}) + 1 = {self.spatial_levels + 1} multipliers"
+            )
         if self.temporal_levels > self.spatial_levels:
             raise ValueError(
                 f"VAEConfig.temporal_downsample={self.temporal_downsample} needs "
                 f"{self.temporal_levels} level transitions but there are only "
-                f"{self.spatial_levels}; lower it or raise spatial_downsample")
+                f"{self.spatial_levels}; lower it or raise spatial_downsample"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.scaling_factor) and self.scaling_factor > 0):
             raise ValueError(
-                f"VAEConfig.scaling_factor must be finite and > 0, got {self.scaling_factor}")
+                f"VAEConfig.scaling_factor must be finite and > 0, got {self.scaling_factor}"
+            )
         if not math.isfinite(self.shift_factor):
             raise ValueError(f"VAEConfig.shift_factor must be finite, got {self.shift_factor}")
 
@@ -148,8 +158,9 @@ class VideoMeta:
 class CausalConv3d(nn.Conv3d):
     """3D convolution, causal in time (left padding with the first frame), 'same' in space."""
 
-    def __init__(self, in_channels: int, out_channels: int,
-                 kernel_size: tuple[int, int, int] = (3, 3, 3)):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int] = (3, 3, 3)
+    ):
         kt, kh, kw = kernel_size
         super().__init__(in_channels, out_channels, kernel_size, padding=(0, kh // 2, kw // 2))
         self.time_pad = kt - 1
@@ -163,7 +174,7 @@ class CausalConv3d(nn.Conv3d):
                 past = x[:, :, :1].expand(-1, -1, self.time_pad, -1, -1)  # replicate frame 0
             x = torch.cat([past, x], dim=2)  # (B, C_in, time_pad + T, H, W)
             if cache is not None:
-                cache[self] = x[:, :, -self.time_pad:]
+                cache[self] = x[:, :, -self.time_pad :]
         return super().forward(x)
 
 
@@ -191,8 +202,11 @@ class ResBlock(nn.Module):
         self.norm2 = ChannelRMSNorm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = CausalConv3d(out_channels, out_channels)
-        self.skip = (nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels
-                     else nn.Identity())
+        self.skip = (
+            nn.Conv3d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)), cache)  # (B, C_out, T, H, W)
@@ -239,8 +253,9 @@ class Upsample(nn.Module):
             if cache is not None:
                 cache[self] = x[:, :, :0]  # marker only
             y = self.temporal(x, cache)  # (B, 2C, T, H, W)
-            head, y, rest = ((x[:, :, :1], y[:, :, 1:], x[:, :, 1:]) if first_chunk
-                             else (x[:, :, :0], y, x))
+            head, y, rest = (
+                (x[:, :, :1], y[:, :, 1:], x[:, :, 1:]) if first_chunk else (x[:, :, :0], y, x)
+            )
             y = rearrange(y, "b (c r) t h w -> b c (t r) h w", r=2)  # (B, C, 2(T-1), H, W)
             y = y + repeat(rest, "b c t h w -> b c (t r) h w", r=2)  # shortcut: duplicate
             x = torch.cat([head, y], dim=2)  # (B, C, 1 + 2(T-1), H, W)
@@ -259,8 +274,9 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised draw; ``generator`` must live on the latents' device."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
         return self.mean + self.std * noise  # (B, Z, t, h, w)
 
     def mode(self) -> torch.Tensor:
@@ -306,8 +322,9 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm_out = ChannelRMSNorm(c)
         self.conv_out = CausalConv3d(c, 2 * config.latent_channels)
-        self.register_buffer("group_mean", _group_matrix(c, config.latent_channels),
-                             persistent=False)  # (Z, C)
+        self.register_buffer(
+            "group_mean", _group_matrix(c, config.latent_channels), persistent=False
+        )  # (Z, C)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         x = self.conv_in(x, cache)  # (B, C0, T, H, W)
@@ -330,8 +347,9 @@ class Decoder(nn.Module):
         channels = [config.base_channels * m for m in config.channel_multipliers]
         c = channels[-1]
         self.conv_in = CausalConv3d(config.latent_channels, c)
-        self.register_buffer("group_of", _group_matrix(c, config.latent_channels).argmax(0),
-                             persistent=False)  # (C,) latent channel each feature copies
+        self.register_buffer(
+            "group_of", _group_matrix(c, config.latent_channels).argmax(0), persistent=False
+        )  # (C,) latent channel each feature copies
         blocks: list[nn.Module] = [ResBlock(c, c, config.dropout), ResBlock(c, c, config.dropout)]
         for level in reversed(range(len(channels))):
             for _ in range(config.num_res_blocks + 1):
@@ -380,12 +398,17 @@ def _blend_ramp(length: int, overlap: int, left: bool, right: bool) -> torch.Ten
     if left and overlap:
         w[:overlap] = up
     if right and overlap:
-        w[length - overlap:] = torch.minimum(w[length - overlap:], up.flip(0))
+        w[length - overlap :] = torch.minimum(w[length - overlap :], up.flip(0))
     return w
 
 
-def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-           scale: float) -> torch.Tensor:
+def _tiled(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    tile: int,
+    overlap: int,
+    scale: float,
+) -> torch.Tensor:
     """Apply ``fn`` to overlapping (tile x tile) windows of x (..., H, W) and blend the outputs.
 
     ``fn`` maps a window of side n to one of side n * scale (1/s to encode, s to decode).
@@ -395,7 +418,7 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
     rows, cols = _tile_starts(height, tile, overlap), _tile_starts(width, tile, overlap)
     for top in rows:
         for left in cols:
-            y = fn(x[..., top:top + tile, left:left + tile])  # (B, C', T', h', w')
+            y = fn(x[..., top : top + tile, left : left + tile])  # (B, C', T', h', w')
             oh, ow = y.shape[-2:]
             if out is None:
                 out = y.new_zeros((*y.shape[:-2], round(height * scale), round(width * scale)))
@@ -404,8 +427,8 @@ def _tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: in
             wx = _blend_ramp(ow, round(overlap * scale), left > 0, left + tile < width)
             w = (wy[:, None] * wx[None, :]).to(y)  # (h', w')
             t0, l0 = round(top * scale), round(left * scale)
-            out[..., t0:t0 + oh, l0:l0 + ow] += y * w
-            weight[t0:t0 + oh, l0:l0 + ow] += w
+            out[..., t0 : t0 + oh, l0 : l0 + ow] += y * w
+            weight[t0 : t0 + oh, l0 : l0 + ow] += w
     return out / weight
 
 
@@ -444,22 +467,34 @@ class CausalVAE(nn.Module):
     def _check_tiles(self, tile_size: int, tile_overlap: int) -> None:
         s = self.spatial_factor
         if tile_size % s or tile_overlap % s or not 0 <= tile_overlap < tile_size:
-            raise ValueError(f"tile_size={tile_size} and tile_overlap={tile_overlap} must be "
-                             f"multiples of the spatial factor {s} with 0 <= overlap < size")
+            raise ValueError(
+                f"tile_size={tile_size} and tile_overlap={tile_overlap} must be "
+                f"multiples of the spatial factor {s} with 0 <= overlap < size"
+            )
 
-    def encode(self, video: torch.Tensor, *, chunk_latent_frames: int | None = None,
-               tile_size: int | None = None, tile_overlap: int = 32) -> DiagonalGaussian:
+    def encode(
+        self,
+        video: torch.Tensor,
+        *,
+        chunk_latent_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
+    ) -> DiagonalGaussian:
         """video (B, C, 1 + tf*k, H, W), H and W multiples of s -> posterior (B, Z, 1 + k, H/s, W/s)
 
         chunk_latent_frames: run time in causal chunks of this many latent frames (exact).
         tile_size / tile_overlap: run space in blended tiles of this many pixels (approximate).
         """
         tf, s = self.temporal_factor, self.spatial_factor
-        if video.ndim != 5 or video.shape[1] != self.config.in_channels \
-                or tuple(video.shape[2:]) != self.padded_size(*video.shape[2:]):
+        if (
+            video.ndim != 5
+            or video.shape[1] != self.config.in_channels
+            or tuple(video.shape[2:]) != self.padded_size(*video.shape[2:])
+        ):
             raise ValueError(
                 f"encode needs (B, {self.config.in_channels}, 1 + {tf}k, H, W) with H, W multiples "
-                f"of {s}; got {tuple(video.shape)}. Use encode_video for any size.")
+                f"of {s}; got {tuple(video.shape)}. Use encode_video for any size."
+            )
         step = None if chunk_latent_frames is None else chunk_latent_frames * tf
         run = functools.partial(_causal_chunks, self.encoder, step=step)
         if tile_size is None:
@@ -467,12 +502,20 @@ class CausalVAE(nn.Module):
         self._check_tiles(tile_size, tile_overlap)
         return DiagonalGaussian(_tiled(run, video, tile_size, tile_overlap, 1 / s))
 
-    def decode(self, latent: torch.Tensor, *, chunk_latent_frames: int | None = None,
-               tile_size: int | None = None, tile_overlap: int = 32) -> torch.Tensor:
+    def decode(
+        self,
+        latent: torch.Tensor,
+        *,
+        chunk_latent_frames: int | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
+    ) -> torch.Tensor:
         """latent: (B, Z, 1 + k, h, w) -> video (B, C, 1 + tf*k, h*s, w*s). Tiles are in pixels."""
         if latent.ndim != 5 or latent.shape[1] != self.config.latent_channels:
-            raise ValueError(f"decode needs (B, {self.config.latent_channels}, t, h, w); "
-                             f"got {tuple(latent.shape)}")
+            raise ValueError(
+                f"decode needs (B, {self.config.latent_channels}, t, h, w); "
+                f"got {tuple(latent.shape)}"
+            )
         run = functools.partial(_causal_chunks, self.decoder, step=chunk_latent_frames)
         if tile_size is None:
             return run(latent)
@@ -495,13 +538,16 @@ class CausalVAE(nn.Module):
         """Decode and crop back to the size ``encode_video`` recorded -> (B, C, T, H, W)."""
         expected = self.latent_size(meta.num_frames, meta.height, meta.width)
         if tuple(latent.shape[2:]) != expected:
-            raise ValueError(f"latent (t, h, w)={tuple(latent.shape[2:])} does not match {meta} "
-                             f"(expected {expected})")
+            raise ValueError(
+                f"latent (t, h, w)={tuple(latent.shape[2:])} does not match {meta} "
+                f"(expected {expected})"
+            )
         video = self.decode(latent, **kwargs)  # (B, C, T_padded, H_padded, W_padded)
-        return video[:, :, :meta.num_frames, :meta.height, :meta.width]
+        return video[:, :, : meta.num_frames, : meta.height, : meta.width]
 
-    def forward(self, video: torch.Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, video: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
         """video: (B, C, T, H, W), any size -> (reconstruction of the same shape, posterior)."""
         posterior, meta = self.encode_video(video)  # over (B, Z, t, h, w)
         z = posterior.sample(generator) if sample else posterior.mode()  # (B, Z, t, h, w)
@@ -532,8 +578,9 @@ class CausalVAE(nn.Module):
         save_file(state, str(directory / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path,
-                        device: str | torch.device = "cpu") -> CausalVAE:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu"
+    ) -> CausalVAE:
         """Load what ``save_pretrained`` wrote; unknown config keys or mismatched weights raise."""
         directory = Path(directory)
         config = VAEConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
@@ -541,8 +588,10 @@ class CausalVAE(nn.Module):
         state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"weights in {directory} do not match {config}: missing {missing}, "
-                             f"unexpected {unexpected}")
+            raise ValueError(
+                f"weights in {directory} do not match {config}: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
         return model.to(device)
 
 
@@ -579,16 +628,20 @@ def compute_latent_stats(vae: CausalVAE, batches: Iterable[torch.Tensor]) -> tup
 
 VAE_SIZES: dict[str, VAEConfig] = {
     # Test size: seconds per step on one CPU core; for pipeline tests, not for quality.
-    "vae-tiny": VAEConfig(base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1,
-                          latent_channels=4),
+    "vae-tiny": VAEConfig(
+        base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
+    ),
     # CPU demo size; trains in minutes on small clips.
-    "vae-xs": VAEConfig(base_channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
-                        latent_channels=4),
-    "vae-s": VAEConfig(base_channels=64, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2,
-                       latent_channels=8),
+    "vae-xs": VAEConfig(
+        base_channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, latent_channels=4
+    ),
+    "vae-s": VAEConfig(
+        base_channels=64, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=8
+    ),
     # About the size of WAN 2.1's VAE (96 base channels, 16 latent channels).
-    "vae-m": VAEConfig(base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2,
-                       latent_channels=16),
+    "vae-m": VAEConfig(
+        base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=16
+    ),
 }
 
 

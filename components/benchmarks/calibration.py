@@ -60,5 +60,13 @@ def calibration_bf16(cfg: TesseraConfig) -> list[BenchRecord]:
     n, b = cfg.bench.matmul_size, cfg.bench
     fp32 = torch_matmul_gflops(n, b.warmup, b.repeats)
     bf16 = torch_matmul_gflops(n, b.warmup, b.repeats, torch.bfloat16)
-    return [BenchRecord(name="calibration.matmul_bf16", value=bf16, unit="GFLOP/s",
-                        peer="torch.matmul fp32", peer_value=fp32, extra={"n": n})]  # fmt: skip
+    return [
+        BenchRecord(
+            name="calibration.matmul_bf16",
+            value=bf16,
+            unit="GFLOP/s",
+            peer="torch.matmul fp32",
+            peer_value=fp32,
+            extra={"n": n},
+        )
+    ]

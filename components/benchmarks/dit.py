@@ -291,8 +291,9 @@ def dit_train(
     latents = torch.randn(s.train_clips, c, t, h, w, generator=gen)
     text = torch.randn(s.train_clips, s.text_len, s.text_dim, generator=gen)
     times = torch.rand(s.train_clips, generator=gen)
-    (batch,) = pack_patches(list(latents), latents.shape[0] * _tokens((t, h, w), s.patch_size),
-                            s.patch_size)  # fmt: skip
+    (batch,) = pack_patches(
+        list(latents), latents.shape[0] * _tokens((t, h, w), s.patch_size), s.patch_size
+    )
     target_ours = torch.randn(batch.tokens.shape, generator=gen)
     target_peer = torch.randn(latents.shape, generator=gen)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
@@ -347,10 +348,22 @@ def dit_train(
     }
     case = _case_name("dit.train", precision)
     return [
-        BenchRecord(f"{case}.tokens_per_s", tokens / sec_ours, "tokens/s", PEER,
-                    tokens / sec_peer, extra=extra),  # fmt: skip
-        BenchRecord(f"{case}.utilisation", 100 * util_ours, f"% {precision} peak", PEER,
-                    100 * util_peer, extra=extra),  # fmt: skip
+        BenchRecord(
+            f"{case}.tokens_per_s",
+            tokens / sec_ours,
+            "tokens/s",
+            PEER,
+            tokens / sec_peer,
+            extra=extra,
+        ),
+        BenchRecord(
+            f"{case}.utilisation",
+            100 * util_ours,
+            f"% {precision} peak",
+            PEER,
+            100 * util_peer,
+            extra=extra,
+        ),
     ]
 
 
@@ -429,11 +442,15 @@ def dit_mixed(
         inputs = []
         for idx in batches:
             thw = [max(grids[i][a] for i in idx) for a in range(3)]
-            padded = torch.stack([
-                F.pad(latents[i], (0, thw[2] - grids[i][2], 0, thw[1] - grids[i][1],
-                                   0, thw[0] - grids[i][0]))
-                for i in idx
-            ])  # (B, C, T, H, W), zero-padded at the end of each axis  # fmt: skip
+            padded = torch.stack(
+                [
+                    F.pad(
+                        latents[i],
+                        (0, thw[2] - grids[i][2], 0, thw[1] - grids[i][1], 0, thw[0] - grids[i][0]),
+                    )
+                    for i in idx
+                ]
+            )  # (B, C, T, H, W), zero-padded at the end of each axis
             target = torch.randn(padded.shape, generator=gen)
             inputs.append((padded, times[idx] * 1000, text[idx], target))
         return inputs
@@ -476,8 +493,9 @@ def dit_mixed(
     )
     sec = {k: statistics.median(v) for k, v in runs.items()}
     best = min(("pad", "shape"), key=sec.__getitem__)
-    padded_tokens = sum(math.prod(x[0].shape[:1]) * _tokens(x[0].shape[2:], s.patch_size)
-                        for x in pad_inputs)  # fmt: skip
+    padded_tokens = sum(
+        math.prod(x[0].shape[:1]) * _tokens(x[0].shape[2:], s.patch_size) for x in pad_inputs
+    )
     frac_ours = real_token_fraction(packs, s.mixed_token_budget)
     frac_pad = real / (len(pad_batches) * s.mixed_token_budget)
     frac_shape = real / (len(shape_batches) * s.mixed_token_budget)
@@ -509,10 +527,22 @@ def dit_mixed(
     }
     peer_name, case = f"{PEER} ({extra['peer_best']})", _case_name("dit.mixed", precision)
     return [
-        BenchRecord(f"{case}.real_tokens_per_s", real / sec["ours"], "real tokens/s", peer_name,
-                    real / sec[best], extra=extra),  # fmt: skip
-        BenchRecord(f"{case}.real_token_fraction", frac_ours, "of budget slots",
-                    f"{PEER} (pad-to-max)", frac_pad, extra=extra),  # fmt: skip
+        BenchRecord(
+            f"{case}.real_tokens_per_s",
+            real / sec["ours"],
+            "real tokens/s",
+            peer_name,
+            real / sec[best],
+            extra=extra,
+        ),
+        BenchRecord(
+            f"{case}.real_token_fraction",
+            frac_ours,
+            "of budget slots",
+            f"{PEER} (pad-to-max)",
+            frac_pad,
+            extra=extra,
+        ),
     ]
 
 
@@ -583,8 +613,12 @@ def _sample_one(
             v_null = peer(latent, ts, neg, return_dict=False)[0]
             v = v_null + g * (v_cond - v_null)
         elif mode == "cfg_batched":
-            out = peer(torch.cat([latent, latent]), torch.cat([ts, ts]),
-                       torch.cat([text, neg]), return_dict=False)[0]  # fmt: skip
+            out = peer(
+                torch.cat([latent, latent]),
+                torch.cat([ts, ts]),
+                torch.cat([text, neg]),
+                return_dict=False,
+            )[0]
             v_cond, v_null = out.chunk(2)
             v = v_null + g * (v_cond - v_null)
         else:
@@ -610,13 +644,22 @@ def _sample_one(
         "tokens": int(tokens.shape[0]),
         "step": "one Euler step: model forward(s) + CFG combine + update, inference_mode",
         "ours_encode_text_s_once_per_sample": encode_s,
-        "peer_text_gflop_recomputed_per_forward": 2 * s.text_len
-        * (s.text_dim * d + d * d + s.depth * 2 * d * d) / 1e9,
+        "peer_text_gflop_recomputed_per_forward": 2
+        * s.text_len
+        * (s.text_dim * d + d * d + s.depth * 2 * d * d)
+        / 1e9,
         "timing": {k: timing_summary(v) for k, v in runs.items()},
         "load_average": [load_before, load_average()],
     }
     return [
-        BenchRecord(f"dit.sample.{label}.{mode}", sec[f"ours_{mode}"], "s/step", PEER,
-                    sec[f"peer_{mode}"], higher_is_better=False, extra=extra)
+        BenchRecord(
+            f"dit.sample.{label}.{mode}",
+            sec[f"ours_{mode}"],
+            "s/step",
+            PEER,
+            sec[f"peer_{mode}"],
+            higher_is_better=False,
+            extra=extra,
+        )
         for mode in modes
-    ]  # fmt: skip
+    ]

@@ -29,7 +29,9 @@ def ingest_probe(cfg: TesseraConfig) -> list[BenchRecord]:
 
     with tempfile.TemporaryDirectory(prefix="tessera-bench-ingest-") as tmp:
         demo_data.generate(cfg, Path(tmp))
-        files = sorted(p for p in (Path(tmp) / "clips").iterdir() if not p.name.startswith("broken_"))
+        files = sorted(
+            p for p in (Path(tmp) / "clips").iterdir() if not p.name.startswith("broken_")
+        )
         total_mb = sum(p.stat().st_size for p in files) / 1e6
 
         def ours() -> tuple[float, float]:
@@ -68,8 +70,15 @@ def ingest_probe(cfg: TesseraConfig) -> list[BenchRecord]:
     }
     peer_name = "PyAV full-decode frame count + sha256"
     return [
-        BenchRecord("ingest.clips_per_s", len(files) / ours_s, "clips/s", peer_name,
-                    len(files) / peer_s, extra=extra),  # fmt: skip
-        BenchRecord("ingest.mb_per_s", total_mb / ours_s, "MB/s", peer_name, total_mb / peer_s,
-                    extra=extra),  # fmt: skip
+        BenchRecord(
+            "ingest.clips_per_s",
+            len(files) / ours_s,
+            "clips/s",
+            peer_name,
+            len(files) / peer_s,
+            extra=extra,
+        ),
+        BenchRecord(
+            "ingest.mb_per_s", total_mb / ours_s, "MB/s", peer_name, total_mb / peer_s, extra=extra
+        ),
     ]

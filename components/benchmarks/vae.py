@@ -141,8 +141,9 @@ def _inputs(s: VAEBenchSizes, clip: Clip, seed: int) -> tuple[Any, Any]:
     frames, height, width = clip
     gen = torch.Generator().manual_seed(seed)
     video = torch.rand(1, 3, *clip, generator=gen) * 2 - 1
-    latent = torch.randn(1, config.latent_channels, 1 + (frames - 1) // tf, height // sf,
-                         width // sf, generator=gen)  # fmt: skip
+    latent = torch.randn(
+        1, config.latent_channels, 1 + (frames - 1) // tf, height // sf, width // sf, generator=gen
+    )
     return video, latent
 
 
@@ -198,14 +199,22 @@ def measure_peak_mb(
     out: dict[tuple[Clip, str], float] = {}
     for group in (g for g in groups if g):
         model = "peer" if "peer" in group[0][1] else "ours"
-        spec = {"ours": s.ours, "peer": s.peer, "model": model, "seed": seed,
-                "calls": [[list(c), v] for c, v in group],
-                "threads": torch.get_num_threads()}  # fmt: skip
+        spec = {
+            "ours": s.ours,
+            "peer": s.peer,
+            "model": model,
+            "seed": seed,
+            "calls": [[list(c), v] for c, v in group],
+            "threads": torch.get_num_threads(),
+        }
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": _MMAP_THRESHOLD}
         done = subprocess.run(
             [sys.executable, "-m", "components.benchmarks.vae", json.dumps(spec)],
-            env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-        )  # fmt: skip
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"VAE memory subprocess {spec} failed:\n{done.stderr[-2000:]}")
         peaks = json.loads(done.stdout.strip().splitlines()[-1])
@@ -255,8 +264,9 @@ def vae_codec(cfg: TesseraConfig, s: VAEBenchSizes = VAEBenchSizes()) -> list[Be
 
     ours, peer = build_ours(s), build_peer(s)
     if ours.config.latent_channels != s.peer["z_dim"]:
-        raise ValueError(f"latent channels differ: ours {ours.config.latent_channels}, "
-                         f"peer {s.peer['z_dim']}")  # fmt: skip
+        raise ValueError(
+            f"latent channels differ: ours {ours.config.latent_channels}, peer {s.peer['z_dim']}"
+        )
     repeats = max(1, min(cfg.bench.repeats, s.max_repeats))
     params = {
         "params_ours": sum(p.numel() for p in ours.parameters()),
@@ -266,7 +276,8 @@ def vae_codec(cfg: TesseraConfig, s: VAEBenchSizes = VAEBenchSizes()) -> list[Be
         "compression_thw": [ours.temporal_factor, ours.spatial_factor, ours.spatial_factor],
         "memory_method": "peak RSS above pre-call RSS, one fresh subprocess per call, "
         "MALLOC_MMAP_THRESHOLD_=1MiB, VmHWM reset via /proc/self/clear_refs"
-        if s.memory else "not measured",
+        if s.memory
+        else "not measured",
     }
     with torch.inference_mode():  # warm-up on a small clip: one-off library initialisation
         for fn in _variants(ours, peer, *_inputs(s, s.warmup_clip, cfg.seed)).values():
@@ -300,15 +311,28 @@ def vae_codec(cfg: TesseraConfig, s: VAEBenchSizes = VAEBenchSizes()) -> list[Be
         }
         for op in ("encode", "decode"):
             records.append(
-                BenchRecord(f"vae.{op}.{label}.frames_per_s", frames / sec[f"{op}_ours"],
-                            "frames/s", PEER, frames / sec[f"{op}_peer"], extra=extra)
-            )  # fmt: skip
+                BenchRecord(
+                    f"vae.{op}.{label}.frames_per_s",
+                    frames / sec[f"{op}_ours"],
+                    "frames/s",
+                    PEER,
+                    frames / sec[f"{op}_peer"],
+                    extra=extra,
+                )
+            )
         for op in ("encode", "decode") if s.memory else ():
             for suffix, key in (("", f"{op}_ours"), ("_chunked", f"{op}_ours_chunked")):
                 records.append(
-                    BenchRecord(f"vae.{op}.{label}.peak_mb{suffix}", mb[key], "MB", PEER,
-                                mb[f"{op}_peer"], higher_is_better=False, extra=extra)
-                )  # fmt: skip
+                    BenchRecord(
+                        f"vae.{op}.{label}.peak_mb{suffix}",
+                        mb[key],
+                        "MB",
+                        PEER,
+                        mb[f"{op}_peer"],
+                        higher_is_better=False,
+                        extra=extra,
+                    )
+                )
     return records
 
 

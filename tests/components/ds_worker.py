@@ -26,9 +26,14 @@ def train(payload: dict) -> list[float]:
     trainer.resume()
     x, y = make_data()
     sampler = iter(
-        ResumableSampler(len(x), seed=0, rank=trainer.rank, world_size=trainer.world_size,
-                         start=trainer.state.samples)
-    )  # fmt: skip
+        ResumableSampler(
+            len(x),
+            seed=0,
+            rank=trainer.rank,
+            world_size=trainer.world_size,
+            start=trainer.state.samples,
+        )
+    )
     losses = []
     stop_at = payload.get("stop_at", train_cfg.steps)
     while trainer.state.step < stop_at:
@@ -42,8 +47,12 @@ def train(payload: dict) -> list[float]:
                 trainer.save_checkpoint()
     if trainer.rank == 0:
         state = trainer.export_state_dict()
-        out = {"losses": losses, "weight": state["weight"].flatten().tolist(),
-               "bias": state["bias"].tolist(), "step": trainer.state.step}  # fmt: skip
+        out = {
+            "losses": losses,
+            "weight": state["weight"].flatten().tolist(),
+            "bias": state["bias"].tolist(),
+            "step": trainer.state.step,
+        }
         Path(payload["out"]).write_text(json.dumps(out))
     return losses
 

@@ -65,18 +65,25 @@ def write_fake_latents(
             mask = torch.zeros(text_len, dtype=torch.uint8)
             mask[:real] = 1
             tensors[f"{clip_id}/text_mask"] = mask
-        rows.append({
-            "clip_id": clip_id,
-            "shard": str(root / f"shard-{shard:05d}.safetensors"),
-            "split": "train" if i < num_clips else "val",
-            "kind": kind,
-            "caption": caption or None,
-            "short_caption": caption[:20] or None,
-            "caption_source": "given" if captioned else None,
-            "width": 8 * w, "height": 8 * h, "num_frames": 1 + 4 * (t - 1),
-            "latent_c": channels, "latent_t": t, "latent_h": h, "latent_w": w,
-            "uri": f"file:///raw/{clip_id}.mp4",
-        })  # fmt: skip
+        rows.append(
+            {
+                "clip_id": clip_id,
+                "shard": str(root / f"shard-{shard:05d}.safetensors"),
+                "split": "train" if i < num_clips else "val",
+                "kind": kind,
+                "caption": caption or None,
+                "short_caption": caption[:20] or None,
+                "caption_source": "given" if captioned else None,
+                "width": 8 * w,
+                "height": 8 * h,
+                "num_frames": 1 + 4 * (t - 1),
+                "latent_c": channels,
+                "latent_t": t,
+                "latent_h": h,
+                "latent_w": w,
+                "uri": f"file:///raw/{clip_id}.mp4",
+            }
+        )
         if len(tensors) and sum(k.endswith("/latent") for k in tensors) >= clips_per_shard:
             flush()
     flush()

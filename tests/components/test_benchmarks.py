@@ -24,8 +24,15 @@ def check(records: list[BenchRecord], prefix: str, count: int) -> None:
 
 
 def test_cases_are_registered():
-    assert {"dit.train", "dit.train_bf16", "dit.mixed", "dit.mixed_bf16", "dit.sample",
-            "vae.codec", "calibration.matmul_bf16"} <= set(load_cases())
+    assert {
+        "dit.train",
+        "dit.train_bf16",
+        "dit.mixed",
+        "dit.mixed_bf16",
+        "dit.sample",
+        "vae.codec",
+        "calibration.matmul_bf16",
+    } <= set(load_cases())
 
 
 def test_dit_train_tiny():

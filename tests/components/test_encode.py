@@ -28,8 +28,9 @@ def corpus(tmp_path_factory) -> dict[str, str]:
     manifest = make_corpus(root)
     checked = root / "validate"
     checked.mkdir()
-    validate.run(load_config("tiny"), checked, manifest,
-                 str(Path(manifest).with_name("quarantine.parquet")))  # fmt: skip
+    validate.run(
+        load_config("tiny"), checked, manifest, str(Path(manifest).with_name("quarantine.parquet"))
+    )
     torch.manual_seed(0)
     vae = build_vae("vae-tiny")
     vae.set_latent_stats(SHIFT, SCALE)
@@ -58,9 +59,22 @@ def test_every_validated_clip_has_a_row_and_a_latent_of_its_shape(corpus, encode
     validated = mf.read_table(corpus["manifest"]).column("clip_id").to_pylist()
     assert sorted(index["clip_id"]) == sorted(validated)
     assert list(index.columns[:15]) == [
-        "clip_id", "shard", "split", "kind", "caption", "short_caption", "caption_source",
-        "width", "height", "num_frames", "latent_c", "latent_t", "latent_h", "latent_w", "uri",
-    ]  # fmt: skip
+        "clip_id",
+        "shard",
+        "split",
+        "kind",
+        "caption",
+        "short_caption",
+        "caption_source",
+        "width",
+        "height",
+        "num_frames",
+        "latent_c",
+        "latent_t",
+        "latent_h",
+        "latent_w",
+        "uri",
+    ]
     assert index["shard"].nunique() == -(-len(index) // 4)  # tiny: 4 clips a shard
     for shard, rows in index.groupby("shard"):
         tensors = _tensors(latents, shard)
@@ -83,7 +97,9 @@ def test_aspect_ratio_is_kept_and_images_are_one_latent_frame(encoded):
     carphone = _row(index, "real_carphone")  # 96x78: downscaled to <= 4096 pixels, aspect kept
     assert carphone.width < 96 and abs(carphone.width / carphone.height - 96 / 78) < 0.2
     images = index[index["kind"] == "image"]
-    assert len(images) == 2 and (images["latent_t"] == 1).all() and (images["num_frames"] == 1).all()
+    assert (
+        len(images) == 2 and (images["latent_t"] == 1).all() and (images["num_frames"] == 1).all()
+    )
     assert (index[index["kind"] == "video"]["latent_t"] > 1).all()
 
 
@@ -129,18 +145,36 @@ def test_shards_are_committed_steps_and_merge_like_run(corpus, encoded, tessera_
     ctx = RunContext("encode-test", "test", track=False)
     shards = encode.plan_shards(cfg, corpus["manifest"])
     assert [s["index"] for s in shards] == list(range(len(shards))) and len(shards) == 3
-    outputs = [run_step(encode.shard_step(s), encode.encode_shard, cfg, ctx,
-                        manifest=corpus["manifest"], vae=corpus["vae"], shard=s)
-               for s in shards]  # fmt: skip
+    outputs = [
+        run_step(
+            encode.shard_step(s),
+            encode.encode_shard,
+            cfg,
+            ctx,
+            manifest=corpus["manifest"],
+            vae=corpus["vae"],
+            shard=s,
+        )
+        for s in shards
+    ]
     assert outputs[2]["step_uri"].endswith("/encode-shard-00002")
 
     def boom(*args, **kwargs):
         raise AssertionError("a committed shard was encoded again")
 
     monkeypatch.setattr(encode, "encode_shard", boom)
-    again = [run_step(encode.shard_step(s), encode.encode_shard, cfg, ctx,
-                      manifest=corpus["manifest"], vae=corpus["vae"], shard=s)
-             for s in shards]  # fmt: skip
+    again = [
+        run_step(
+            encode.shard_step(s),
+            encode.encode_shard,
+            cfg,
+            ctx,
+            manifest=corpus["manifest"],
+            vae=corpus["vae"],
+            shard=s,
+        )
+        for s in shards
+    ]
     assert again == outputs
 
     merged = run_step("encode", encode.merge, cfg, ctx, shards=outputs)

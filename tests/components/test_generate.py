@@ -16,8 +16,15 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def cfg():
-    return load_config("tiny", ["generate.steps=2", "generate.max_pixels=4096",
-                                "generate.max_frames=9", "generate.seed=3"])
+    return load_config(
+        "tiny",
+        [
+            "generate.steps=2",
+            "generate.max_pixels=4096",
+            "generate.max_frames=9",
+            "generate.seed=3",
+        ],
+    )
 
 
 @pytest.fixture
@@ -34,16 +41,24 @@ def model_uri(tmp_path, monkeypatch):
 def test_generate_writes_every_prompt_at_every_aspect(cfg, model_uri, tmp_path):
     workdir = tmp_path / "work"
     workdir.mkdir()
-    result = step.generate(cfg, workdir, model_uri, ["a red ball", "a blue cube"],
-                           ["16:9", "9:16", "image"], frames=4)
+    result = step.generate(
+        cfg, workdir, model_uri, ["a red ball", "a blue cube"], ["16:9", "9:16", "image"], frames=4
+    )
     assert result.values == {"num_samples": 6}
     assert result.files == {"samples": "samples", "samples_json": "samples.json"}
     entries = json.loads((workdir / "samples.json").read_text())
     assert [(e["index"], e["aspect"]) for e in entries] == [
-        (i, a) for i in (0, 1) for a in ("16:9", "9:16", "image")]
+        (i, a) for i in (0, 1) for a in ("16:9", "9:16", "image")
+    ]
     by_name = {e["path"]: e for e in entries}
-    assert set(by_name) == {"samples/0_16x9.mp4", "samples/0_9x16.mp4", "samples/0_image.png",
-                            "samples/1_16x9.mp4", "samples/1_9x16.mp4", "samples/1_image.png"}
+    assert set(by_name) == {
+        "samples/0_16x9.mp4",
+        "samples/0_9x16.mp4",
+        "samples/0_image.png",
+        "samples/1_16x9.mp4",
+        "samples/1_9x16.mp4",
+        "samples/1_image.png",
+    }
     assert by_name["samples/0_16x9.mp4"]["size"] == [5, 48, 80]  # 4 frames round up to 5
     assert by_name["samples/1_image.png"]["size"] == [1, 64, 64]
     assert by_name["samples/1_image.png"]["seed"] == 4  # generate.seed + prompt index
@@ -65,8 +80,16 @@ def test_generate_from_s3_model_through_the_runner(cfg, model_uri, s3_env, tesse
     for part in ("vae", "dit"):
         for path in sorted((storage.local_path(model_uri) / part).iterdir()):
             storage.upload_file(path, storage.join(uri, part, path.name))
-    outputs = run_step("generate", step.generate, cfg, RunContext.new("test", track=False),
-                       model=uri, prompts=["a red ball"], aspects=["1:1"], frames=1)
+    outputs = run_step(
+        "generate",
+        step.generate,
+        cfg,
+        RunContext.new("test", track=False),
+        model=uri,
+        prompts=["a red ball"],
+        aspects=["1:1"],
+        frames=1,
+    )
     assert outputs["num_samples"] == 1
     entries = json.loads(storage.read_text(outputs["samples_json"]))
     assert entries[0]["path"] == "samples/0_1x1.png"
@@ -117,8 +140,9 @@ def test_generate_with_the_real_text_encoder(cfg, tmp_path):
 
     root = tmp_path / "model"
     tiny_vae().save_pretrained(root / "vae")
-    DiT(DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=4,
-                  text_dim=384)).save_pretrained(root / "dit")
+    DiT(
+        DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=4, text_dim=384)
+    ).save_pretrained(root / "dit")
     save_flow_config(FlowConfig(), root / "dit")
     result = step.generate(cfg, tmp_path / "work", str(root), ["a red ball"], ["1:1"], frames=1)
     assert result.values == {"num_samples": 1}

@@ -306,19 +306,38 @@ def test_process_pool_writes_the_same_tables(first_run, corpus, tmp_path):
 
 
 def test_captions_are_merged_by_uri_relative_path_or_name(corpus, tmp_path):
-    captions = pa.Table.from_pylist([
-        {"path": "a_landscape.mp4", "caption": "noise, landscape", "short_caption": "noise",
-         "caption_source": "given"},
-        {"path": "sub/z_nested.mp4", "caption": "nested noise", "short_caption": None,
-         "caption_source": None},
-        {"path": str(corpus / "b_portrait.mp4"), "caption": "tall noise", "short_caption": "tall",
-         "caption_source": "recaptioned"},
-        {"path": "not_there.mp4", "caption": "orphan", "short_caption": None,
-         "caption_source": "given"},
-    ])  # fmt: skip
+    captions = pa.Table.from_pylist(
+        [
+            {
+                "path": "a_landscape.mp4",
+                "caption": "noise, landscape",
+                "short_caption": "noise",
+                "caption_source": "given",
+            },
+            {
+                "path": "sub/z_nested.mp4",
+                "caption": "nested noise",
+                "short_caption": None,
+                "caption_source": None,
+            },
+            {
+                "path": str(corpus / "b_portrait.mp4"),
+                "caption": "tall noise",
+                "short_caption": "tall",
+                "caption_source": "recaptioned",
+            },
+            {
+                "path": "not_there.mp4",
+                "caption": "orphan",
+                "short_caption": None,
+                "caption_source": "given",
+            },
+        ]
+    )
     pq.write_table(captions, tmp_path / "captions.parquet")
-    ingest_into(make_cfg(tmp_path), tmp_path / "out", corpus,
-                captions=str(tmp_path / "captions.parquet"))  # fmt: skip
+    ingest_into(
+        make_cfg(tmp_path), tmp_path / "out", corpus, captions=str(tmp_path / "captions.parquet")
+    )
     table = pq.read_table(tmp_path / "out" / "manifest.parquet")
     got = {
         name: (row["caption"], row["short_caption"], row["caption_source"])
@@ -334,8 +353,12 @@ def test_captions_with_an_unknown_source_are_refused(corpus, tmp_path):
     bad = pa.Table.from_pylist([{"path": "a.mp4", "caption": "x", "caption_source": "made-up"}])
     pq.write_table(bad, tmp_path / "captions.parquet")
     with pytest.raises(ValueError, match="caption_source 'made-up'"):
-        ingest_into(make_cfg(tmp_path), tmp_path / "out", corpus,
-                    captions=str(tmp_path / "captions.parquet"))  # fmt: skip
+        ingest_into(
+            make_cfg(tmp_path),
+            tmp_path / "out",
+            corpus,
+            captions=str(tmp_path / "captions.parquet"),
+        )
 
 
 def test_list_file_accounts_for_missing_entries_and_directories(corpus, tmp_path):
@@ -353,9 +376,13 @@ def test_list_file_accounts_for_missing_entries_and_directories(corpus, tmp_path
         out = tmp_path / f"out{len(src)}"
         result = ingest_into(make_cfg(tmp_path), out, src)
         assert result.values == {
-            "seen": 4, "ingested": 2, "quarantined": 2, "duplicates": 0, "reused": 0,
+            "seen": 4,
+            "ingested": 2,
+            "quarantined": 2,
+            "duplicates": 0,
+            "reused": 0,
             "reasons": {"missing": 1, "unreadable": 1},
-        }  # fmt: skip
+        }
         assert reasons(out, tmp_path) == {"gone.mp4": "missing", "x.mp4": "unreadable"}
 
 
@@ -384,8 +411,10 @@ def test_file_and_folder_without_read_permission_are_unreadable(corpus, tmp_path
     (src / "locked_dir").chmod(0)
     try:
         if os.access(src / "locked.mp4", os.R_OK):
-            pytest.skip("running as root with CAP_DAC_OVERRIDE: mode 000 does not stop reads "
-                        "(a folder named x.mp4 covers unreadable in the list-file test)")
+            pytest.skip(
+                "running as root with CAP_DAC_OVERRIDE: mode 000 does not stop reads "
+                "(a folder named x.mp4 covers unreadable in the list-file test)"
+            )
         ingest_into(make_cfg(tmp_path), tmp_path / "out", src)
     finally:
         (src / "locked.mp4").chmod(0o644)

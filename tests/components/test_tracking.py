@@ -70,7 +70,9 @@ def test_retried_step_resumes_its_run(mlflow_env):
 def _step(cfg, workdir, n: int):
     (workdir / "out.txt").write_text("x" * n)
     _step.calls += 1
-    return StepResult(files={"out": "out.txt"}, values={"n": n}, metrics={"n": n}, artifacts=["out.txt"])
+    return StepResult(
+        files={"out": "out.txt"}, values={"n": n}, metrics={"n": n}, artifacts=["out.txt"]
+    )
 
 
 _step.calls = 0

@@ -61,10 +61,12 @@ def test_latents_load_in_clip_order_with_null_text_for_uncaptioned(latents):
 def test_short_captions_replace_long_ones_at_the_configured_rate(latents):
     data, _ = _data(latents)
     assert data.short_texts == [None] * len(data)  # these shards carry no short captions
-    data.short_texts = [torch.full((2, 16), float(i)) if i % 2 == 0 else None
-                        for i in range(len(data))]
-    data.short_masks = [torch.ones(2, dtype=torch.bool) if s is not None else None
-                        for s in data.short_texts]
+    data.short_texts = [
+        torch.full((2, 16), float(i)) if i % 2 == 0 else None for i in range(len(data))
+    ]
+    data.short_masks = [
+        torch.ones(2, dtype=torch.bool) if s is not None else None for s in data.short_texts
+    ]
     text, mask = data.text_batch([0, 1, 2], short=[True, True, False])
     assert torch.equal(text[0, :2], data.short_texts[0]) and mask[0].sum() == 2
     assert torch.equal(text[1, : data.texts[1].shape[0]], data.texts[1])  # has no short caption
@@ -185,12 +187,22 @@ def test_training_learns_logs_and_exports_a_loadable_model(latents, tessera_home
 
     from components.runner import RunContext, checkpoint_dir, run_step
 
-    cfg = tiny_cfg("train_dit.train.steps=40", "train_dit.eval_every=20",
-                   "train_dit.train.checkpoint_every=20", "train_dit.train.ema_decay=0.5",
-                   "train_dit.drop_rate=0.1")  # fmt: skip
+    cfg = tiny_cfg(
+        "train_dit.train.steps=40",
+        "train_dit.eval_every=20",
+        "train_dit.train.checkpoint_every=20",
+        "train_dit.train.ema_decay=0.5",
+        "train_dit.drop_rate=0.1",
+    )
     ctx = RunContext("run-1", "test")
-    out = run_step("train_dit", train_dit.run, cfg, ctx, latents=latents,
-                   checkpoint_dir=checkpoint_dir(ctx, "train_dit"))
+    out = run_step(
+        "train_dit",
+        train_dit.run,
+        cfg,
+        ctx,
+        latents=latents,
+        checkpoint_dir=checkpoint_dir(ctx, "train_dit"),
+    )
     assert out["steps"] == 40
     assert out["val_loss"] < 0.8 * out["initial_val_loss"]  # it learns (overfit setting)
     assert out["tokens_per_s"] > 0 and 0 < out["mfu"] < 1 and out["train_seconds"] > 0
@@ -221,9 +233,13 @@ def test_training_learns_logs_and_exports_a_loadable_model(latents, tessera_home
     assert train_dit.SUMMARY_NAME in [a.path for a in client.list_artifacts(run_id)]
 
 
-EQUIVALENCE = ["train_dit.train.steps=6", "train_dit.train.checkpoint_every=3",
-               "train_dit.drop_rate=0.2", "train_dit.train.ema_decay=0.8",
-               "train_dit.eval_every=3"]  # fmt: skip
+EQUIVALENCE = [
+    "train_dit.train.steps=6",
+    "train_dit.train.checkpoint_every=3",
+    "train_dit.drop_rate=0.2",
+    "train_dit.train.ema_decay=0.8",
+    "train_dit.eval_every=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -286,17 +302,32 @@ def test_samples_at_every_aspect_ratio_go_to_mlflow(tessera_home, tmp_path):
 
     build_vae("vae-tiny").save_pretrained(tmp_path / "vae")  # 4 latent channels
     root = write_fake_latents(tmp_path / "lat", num_clips=4, num_val=1, text_dim=384)  # MiniLM
-    cfg = tiny_cfg("train_dit.train.steps=2", "train_dit.sample_every=1", "train_dit.eval_every=0",
-                   "train_dit.sample_frames=5", "train_dit.sample_pixels=1024",
-                   "train_dit.sample_steps=2")  # fmt: skip
+    cfg = tiny_cfg(
+        "train_dit.train.steps=2",
+        "train_dit.sample_every=1",
+        "train_dit.eval_every=0",
+        "train_dit.sample_frames=5",
+        "train_dit.sample_pixels=1024",
+        "train_dit.sample_steps=2",
+    )
     ctx = RunContext("run-samples", "test")
-    out = run_step("train_dit", train_dit.run, cfg, ctx, latents=root, vae=str(tmp_path / "vae"),
-                   checkpoint_dir=checkpoint_dir(ctx, "train_dit"))
+    out = run_step(
+        "train_dit",
+        train_dit.run,
+        cfg,
+        ctx,
+        latents=root,
+        vae=str(tmp_path / "vae"),
+        checkpoint_dir=checkpoint_dir(ctx, "train_dit"),
+    )
     assert out["samples"] == 2 * 4 * 2  # (step 1, final) x 4 aspects x 2 prompts
     client = mlflow.MlflowClient()
     listed = client.list_artifacts(out["mlflow_run_id"], "samples/final")
-    names = [f"{a}-{i}.{'png' if a == 'image' else 'mp4'}"
-             for a in ("16x9", "9x16", "1x1", "image") for i in range(2)]  # fmt: skip
+    names = [
+        f"{a}-{i}.{'png' if a == 'image' else 'mp4'}"
+        for a in ("16x9", "9x16", "1x1", "image")
+        for i in range(2)
+    ]
     assert sorted(Path(f.path).name for f in listed) == sorted(["prompts.json", *names])
     assert client.list_artifacts(out["mlflow_run_id"], "samples/step-0000001")
     from model.generate import load_video

@@ -20,9 +20,15 @@ from tests.components.vae_corpus import make_corpus, subset
 torch.set_num_threads(1)
 
 # Small and fast: 5 x 32 x 32 crops, a base-8 VAE, checkpoints and logs every few steps.
-TINY = ["train_vae.size=vae-tiny", "train_vae.crop_frames=5", "train_vae.crop_size=[32, 32]",
-        "train_vae.stats_samples=4", "train_vae.val_clips=1", "train_vae.train.warmup_steps=0",
-        "train_vae.train.schedule=constant"]  # fmt: skip
+TINY = [
+    "train_vae.size=vae-tiny",
+    "train_vae.crop_frames=5",
+    "train_vae.crop_size=[32, 32]",
+    "train_vae.stats_samples=4",
+    "train_vae.val_clips=1",
+    "train_vae.train.warmup_steps=0",
+    "train_vae.train.schedule=constant",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +38,17 @@ def manifest(tmp_path_factory) -> str:
 
 def _launch(cfg, manifest: str, out: Path, **payload) -> dict:
     body = train_vae.build_payload(cfg, manifest, out, out / "ckpt")
-    launch("components.train_vae:worker", {**body, **payload}, cfg.train_vae.train.num_processes,
-           out / "train.log")  # fmt: skip
+    launch(
+        "components.train_vae:worker",
+        {**body, **payload},
+        cfg.train_vae.train.num_processes,
+        out / "train.log",
+    )
     result = out / train_vae.RESULT_NAME
-    return {"history": json.loads((out / train_vae.HISTORY_NAME).read_text()),
-            "result": json.loads(result.read_text()) if result.exists() else None}  # fmt: skip
+    return {
+        "history": json.loads((out / train_vae.HISTORY_NAME).read_text()),
+        "result": json.loads(result.read_text()) if result.exists() else None,
+    }
 
 
 # --------------------------------------------------------------------------- pieces
@@ -93,7 +105,9 @@ def test_holdout_clips_are_never_trained_on(manifest):
 
 
 def test_video_share_repeats_videos_in_an_image_rich_corpus(manifest):
-    train = train_vae.select_clips(frames.read_clips(manifest), load_config("tiny").train_vae)["train"]
+    train = train_vae.select_clips(frames.read_clips(manifest), load_config("tiny").train_vae)[
+        "train"
+    ]
     assert train_vae.balance_kinds(train, 0.0) == train
     for share in (0.5, 0.8, 0.95):
         balanced = train_vae.balance_kinds(train, share)
@@ -153,11 +167,23 @@ def test_overfits_few_clips_and_logs_reconstructions(manifest, tessera_home, tmp
     """One video + one image, 80 steps: the loss falls by more than 40% (measured: ~60%)."""
     import mlflow
 
-    few = subset(manifest, ["synthetic_0000", "image_0000", "real_carphone", "real_bikes"],
-                 tmp_path / "few.parquet")  # fmt: skip
-    cfg = load_config("tiny", [*TINY, "train_vae.latent_channels=16", "train_vae.train.steps=80",
-                               "train_vae.train.lr=0.003", "train_vae.train.log_every=10",
-                               "train_vae.eval_every=40", "train_vae.train.checkpoint_every=40"])
+    few = subset(
+        manifest,
+        ["synthetic_0000", "image_0000", "real_carphone", "real_bikes"],
+        tmp_path / "few.parquet",
+    )
+    cfg = load_config(
+        "tiny",
+        [
+            *TINY,
+            "train_vae.latent_channels=16",
+            "train_vae.train.steps=80",
+            "train_vae.train.lr=0.003",
+            "train_vae.train.log_every=10",
+            "train_vae.eval_every=40",
+            "train_vae.train.checkpoint_every=40",
+        ],
+    )
     ctx = RunContext("overfit", "test")
     ckpt = checkpoint_dir(ctx, "train_vae")
     out = run_step("train_vae", train_vae.run, cfg, ctx, manifest=few, checkpoint_dir=ckpt)
@@ -177,11 +203,13 @@ def test_overfits_few_clips_and_logs_reconstructions(manifest, tessera_home, tmp
     losses = client.get_metric_history(out["mlflow_run_id"], "train/loss")
     assert [m.step for m in losses] == list(range(10, 81, 10))
     assert client.get_metric_history(out["mlflow_run_id"], "val_psnr")
-    artifacts = {Path(a.path).name for a in client.list_artifacts(out["mlflow_run_id"],
-                                                                 "reconstructions")}
+    artifacts = {
+        Path(a.path).name for a in client.list_artifacts(out["mlflow_run_id"], "reconstructions")
+    }
     assert {"holdout_real_bikes.mp4", "holdout_real_carphone.mp4"} <= artifacts
-    local = client.download_artifacts(out["mlflow_run_id"], "reconstructions/holdout_real_bikes.mp4",
-                                      str(tmp_path))  # fmt: skip
+    local = client.download_artifacts(
+        out["mlflow_run_id"], "reconstructions/holdout_real_bikes.mp4", str(tmp_path)
+    )
     with av.open(local) as box:  # original | reconstruction | error, at the encode size
         frame = next(box.decode(video=0))
     held = out["holdout"]["real_bikes"]
@@ -192,9 +220,18 @@ def test_overfits_few_clips_and_logs_reconstructions(manifest, tessera_home, tmp
 
 @pytest.mark.slow
 def test_resume_continues_steps_data_and_discriminator(manifest, tmp_path):
-    cfg = load_config("tiny", [*TINY, "train_vae.train.steps=6", "train_vae.train.log_every=2",
-                               "train_vae.train.checkpoint_every=4", "train_vae.disc_weight=0.1",
-                               "train_vae.disc_start=1", "train_vae.disc_channels=8"])
+    cfg = load_config(
+        "tiny",
+        [
+            *TINY,
+            "train_vae.train.steps=6",
+            "train_vae.train.log_every=2",
+            "train_vae.train.checkpoint_every=4",
+            "train_vae.disc_weight=0.1",
+            "train_vae.disc_start=1",
+            "train_vae.disc_channels=8",
+        ],
+    )
     first = _launch(cfg, manifest, tmp_path, stop_at=3)  # pre-empted after step 3
     assert [h["step"] for h in first["history"]] == [1, 2, 3] and first["result"] is None
     assert (tmp_path / "ckpt" / "step-0000003" / train_vae.DISC_WEIGHTS).exists()
@@ -207,7 +244,8 @@ def test_resume_continues_steps_data_and_discriminator(manifest, tmp_path):
     result = second["result"]
     assert result["steps"] == 6
     assert result["initial_loss"] == pytest.approx(
-        sum(h["loss"] for h in first["history"][:2]) / 2)  # restored from the checkpoint
+        sum(h["loss"] for h in first["history"][:2]) / 2
+    )  # restored from the checkpoint
     saved = json.loads((tmp_path / "vae" / "config.json").read_text())
     assert saved["scaling_factor"] == pytest.approx(result["latent_scale"]) != 1.0
     assert (tmp_path / "reconstructions" / "holdout_real_carphone.mp4").stat().st_size > 0
@@ -215,9 +253,17 @@ def test_resume_continues_steps_data_and_discriminator(manifest, tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_processes_split_the_data_stream(manifest, tmp_path):
-    cfg = load_config("tiny", [*TINY, "train_vae.train.steps=3", "train_vae.train.micro_batch=1",
-                               "train_vae.train.num_processes=2", "train_vae.train.log_every=1",
-                               "train_vae.train.checkpoint_every=3"])
+    cfg = load_config(
+        "tiny",
+        [
+            *TINY,
+            "train_vae.train.steps=3",
+            "train_vae.train.micro_batch=1",
+            "train_vae.train.num_processes=2",
+            "train_vae.train.log_every=1",
+            "train_vae.train.checkpoint_every=3",
+        ],
+    )
     run = _launch(cfg, manifest, tmp_path)
     assert run["result"]["steps"] == 3
     assert [h["positions"] for h in run["history"]] == [[0], [2], [4]]  # rank 0's share

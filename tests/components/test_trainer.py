@@ -71,11 +71,21 @@ def test_the_launchers_resolve_auto_precision_once_for_every_rank(
 
 
 def _payload(tmp_path, name, **train):
-    base = {"steps": 6, "micro_batch": 4, "lr": 0.05, "warmup_steps": 0, "schedule": "constant",
-            "checkpoint_every": 3, "grad_clip": 0.0}  # fmt: skip
+    base = {
+        "steps": 6,
+        "micro_batch": 4,
+        "lr": 0.05,
+        "warmup_steps": 0,
+        "schedule": "constant",
+        "checkpoint_every": 3,
+        "grad_clip": 0.0,
+    }
     base.update(train)
-    return {"train": to_dict(TrainConfig(**base)), "checkpoint_dir": str(tmp_path / name / "ckpt"),
-            "out": str(tmp_path / f"{name}.json")}  # fmt: skip
+    return {
+        "train": to_dict(TrainConfig(**base)),
+        "checkpoint_dir": str(tmp_path / name / "ckpt"),
+        "out": str(tmp_path / f"{name}.json"),
+    }
 
 
 def _run(tmp_path, payload, procs):

@@ -19,27 +19,29 @@ def make_rows(n: int = 40) -> list[dict]:
     rows = []
     for i in range(n):
         image = i % 8 == 7
-        rows.append({
-            "clip_id": f"{i:064x}",
-            "uri": f"/data/raw/clip_{i:03d}.{'png' if image else 'mp4'}",
-            "bytes": 1000 + i,
-            "container": "png" if image else "mp4",
-            "codec": "png" if image else "h264",
-            "width": 160,
-            "height": 90 if i % 3 else 160,
-            "fps": 0.0 if image else 24.0,
-            "num_frames": 1 if image else 25,
-            "duration_s": 0.0 if image else 25 / 24,
-            "split": "val" if i % 10 == 0 else "train",
-            "caption": None if i % 4 == 0 else f"a red ball bouncing, take {i}",
-            "caption_source": None if i % 4 == 0 else "given",
-            "short_caption": None,
-            "kind": "image" if image else "video",
-            "has_audio": False,
-            "rotation": 0,
-            "frames_counted": True,
-            "source_version": f"{1000 + i}:{i}",
-        })  # fmt: skip
+        rows.append(
+            {
+                "clip_id": f"{i:064x}",
+                "uri": f"/data/raw/clip_{i:03d}.{'png' if image else 'mp4'}",
+                "bytes": 1000 + i,
+                "container": "png" if image else "mp4",
+                "codec": "png" if image else "h264",
+                "width": 160,
+                "height": 90 if i % 3 else 160,
+                "fps": 0.0 if image else 24.0,
+                "num_frames": 1 if image else 25,
+                "duration_s": 0.0 if image else 25 / 24,
+                "split": "val" if i % 10 == 0 else "train",
+                "caption": None if i % 4 == 0 else f"a red ball bouncing, take {i}",
+                "caption_source": None if i % 4 == 0 else "given",
+                "short_caption": None,
+                "kind": "image" if image else "video",
+                "has_audio": False,
+                "rotation": 0,
+                "frames_counted": True,
+                "source_version": f"{1000 + i}:{i}",
+            }
+        )
     return rows
 
 
@@ -79,8 +81,10 @@ def test_suite_is_versioned_and_classified():
     suite = validate.build_suite(CFG.validate)
     assert suite.name == validate.SUITE_NAME
     assert suite.meta["tessera_suite_version"] == validate.SUITE_VERSION
-    severities = {validate.expectation_name(e.configuration.to_json_dict()): e.severity
-                  for e in suite.expectations}  # fmt: skip
+    severities = {
+        validate.expectation_name(e.configuration.to_json_dict()): e.severity
+        for e in suite.expectations
+    }
     assert severities["expect_column_values_to_be_unique:clip_id"] == "critical"
     assert severities["expect_column_mean_to_be_between:is_val"] == "critical"
     assert severities["expect_column_values_to_be_between:fps"] == "warning"
@@ -93,8 +97,13 @@ def test_few_bad_rows_are_quarantined(tmp_path):
     rows[5]["caption_source"] = "hallucinated"
     uri = write_manifest(tmp_path, rows)
     old_q = str(tmp_path / "in" / "quarantine.parquet")
-    ingest_row = {"uri": "/data/raw/empty.mp4", "reason": "zero_bytes",
-                  "message": "the file is empty", "bytes": 0, "step": "ingest"}  # fmt: skip
+    ingest_row = {
+        "uri": "/data/raw/empty.mp4",
+        "reason": "zero_bytes",
+        "message": "the file is empty",
+        "bytes": 0,
+        "step": "ingest",
+    }
     mf.write_table(mf.table_from_rows([ingest_row], mf.QUARANTINE_SCHEMA), old_q)
     out = tmp_path / "out"
     out.mkdir()

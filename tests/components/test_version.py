@@ -61,11 +61,14 @@ def round_trip(cfg: TesseraConfig, tmp_path: Path, drop_cache: bool = False) -> 
     rows = write_clips(tmp_path)
     manifest_1 = write_manifest(tmp_path, rows, "manifest_1.parquet")
     captions = str(tmp_path / "captions.parquet")
-    captions_table = pa.table({"clip_id": [r["clip_id"] for r in rows],
-                               "caption": [r["caption"] for r in rows]})  # fmt: skip
+    captions_table = pa.table(
+        {"clip_id": [r["clip_id"] for r in rows], "caption": [r["caption"] for r in rows]}
+    )
     mf.write_table(captions_table, captions)
-    expected = {"manifest.parquet": Path(manifest_1).read_bytes(),
-                "captions.parquet": Path(captions).read_bytes()}  # fmt: skip
+    expected = {
+        "manifest.parquet": Path(manifest_1).read_bytes(),
+        "captions.parquet": Path(captions).read_bytes(),
+    }
     for r in rows:
         expected[f"clips/{r['clip_id']}.mp4"] = Path(r["uri"]).read_bytes()
 
@@ -109,8 +112,12 @@ def home(tmp_path, monkeypatch):
 def test_round_trip_local_remote(tmp_path, home):
     round_trip(TesseraConfig(), tmp_path, drop_cache=True)
     assert any((home / "dvc-remote").rglob("*"))  # objects were pushed to the default remote
-    log = subprocess.run(["git", "-C", str(home / "dataset"), "log", "--oneline"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    log = subprocess.run(
+        ["git", "-C", str(home / "dataset"), "log", "--oneline"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert len(log.splitlines()) == 3  # init + two dataset revisions
 
 

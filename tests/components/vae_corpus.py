@@ -16,15 +16,19 @@ def make_corpus(root: Path) -> str:
     raw.mkdir(parents=True)
     ingested.mkdir()
     demo_data.generate(cfg, raw)
-    ingest.run(cfg, ingested, str(raw / "clips"), captions=str(raw / "captions.parquet"),
-               previous="")  # fmt: skip
+    ingest.run(
+        cfg, ingested, str(raw / "clips"), captions=str(raw / "captions.parquet"), previous=""
+    )
     return str(ingested / "manifest.parquet")
 
 
 def subset(manifest: str, names: list[str], dest: Path) -> str:
     """A manifest with only the rows whose URI contains one of ``names``."""
     table = mf.read_table(manifest)
-    keep = [i for i, uri in enumerate(table.column("uri").to_pylist())
-            if any(name in uri for name in names)]  # fmt: skip
+    keep = [
+        i
+        for i, uri in enumerate(table.column("uri").to_pylist())
+        if any(name in uri for name in names)
+    ]
     mf.write_table(table.take(keep), str(dest))
     return str(dest)

@@ -44,8 +44,12 @@ def dagbag(tmp_path_factory):
     }
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(DAGS_FOLDER)],
-        env=env, capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -56,17 +60,45 @@ def test_no_import_errors(dagbag):
 
 
 def test_pipeline_shape(dagbag):
-    assert dagbag["tasks"] == sorted([
-        "start", "corpus", "ingest", "validate", "version", "train_vae", "plan_encode",
-        "encode_shard", "merge_latents", "train_dit", "samples", "prompt_eval", "finish",
-    ])  # fmt: skip
+    assert dagbag["tasks"] == sorted(
+        [
+            "start",
+            "corpus",
+            "ingest",
+            "validate",
+            "version",
+            "train_vae",
+            "plan_encode",
+            "encode_shard",
+            "merge_latents",
+            "train_dit",
+            "samples",
+            "prompt_eval",
+            "finish",
+        ]
+    )
     edges = {tuple(e) for e in dagbag["edges"]}
-    chain = ["start", "corpus", "ingest", "validate", "version", "train_vae", "encode_shard",
-             "merge_latents", "train_dit", "samples", "finish"]  # fmt: skip
+    chain = [
+        "start",
+        "corpus",
+        "ingest",
+        "validate",
+        "version",
+        "train_vae",
+        "encode_shard",
+        "merge_latents",
+        "train_dit",
+        "samples",
+        "finish",
+    ]
     for edge in itertools.pairwise(chain):
         assert edge in edges, edge
     assert ("plan_encode", "encode_shard") in edges
-    assert {("train_dit", "prompt_eval"), ("corpus", "prompt_eval"), ("prompt_eval", "finish")} <= edges
+    assert {
+        ("train_dit", "prompt_eval"),
+        ("corpus", "prompt_eval"),
+        ("prompt_eval", "finish"),
+    } <= edges
     assert dagbag["mapped"] == ["encode_shard"]
 
 

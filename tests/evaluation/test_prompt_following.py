@@ -38,15 +38,24 @@ def test_dominant_colour_survives_noise_and_says_none_for_an_empty_frame():
     grey = BACKGROUND_PALETTE["light grey"]
     noisy = _frame(grey, PALETTE["blue"]).astype(np.int16) + rng.integers(-20, 21, (1, 32, 48, 3))
     plain = (grey, grey)
-    assert pf.dominant_colour(np.clip(noisy, 0, 255).astype(np.uint8), PALETTE, plain).colour == "blue"
+    assert (
+        pf.dominant_colour(np.clip(noisy, 0, 255).astype(np.uint8), PALETTE, plain).colour == "blue"
+    )
     assert pf.dominant_colour(_frame(grey), PALETTE, plain).colour is None
 
 
 def test_dominant_colour_reads_every_rendered_single_object_file():
     """The classifier on the corpus renderer's own frames (plain, gradient and mottled
     backdrops, solid and textured objects): its ceiling is 1.0."""
-    dd = load_config("tiny", ["demo_data.num_clips=60", "demo_data.num_images=20",
-                              "demo_data.base_pixels=1024", "demo_data.max_frames=5"]).demo_data
+    dd = load_config(
+        "tiny",
+        [
+            "demo_data.num_clips=60",
+            "demo_data.num_images=20",
+            "demo_data.base_pixels=1024",
+            "demo_data.max_frames=5",
+        ],
+    ).demo_data
     specs = [s for s in plan_corpus(dd) if len(s.objects) == 1]
     assert {s.background for s in specs} == {"solid", "gradient", "noise"}
     assert {s.primary.texture for s in specs} == {"solid", "striped", "checkered"}
@@ -57,8 +66,9 @@ def test_dominant_colour_reads_every_rendered_single_object_file():
 
 
 def test_a_model_that_follows_scores_one_and_one_that_ignores_stays_at_chance():
-    dd = load_config("tiny", ["demo_data.num_clips=30", "demo_data.base_pixels=1024",
-                              "demo_data.max_frames=5"]).demo_data
+    dd = load_config(
+        "tiny", ["demo_data.num_clips=30", "demo_data.base_pixels=1024", "demo_data.max_frames=5"]
+    ).demo_data
     bases = [s for s in plan_corpus(dd) if len(s.objects) == 1][:3]
     follows, ignores = [], []
     for base in bases:
@@ -67,7 +77,8 @@ def test_a_model_that_follows_scores_one_and_one_that_ignores_stays_at_chance():
         fixed = pf.dominant_colour(render_frames(base), PALETTE, bg).colour  # same clip for all
         for colour in colours:
             recoloured = dataclasses.replace(
-                base, objects=(dataclasses.replace(base.primary, color=colour),))
+                base, objects=(dataclasses.replace(base.primary, color=colour),)
+            )
             seen = pf.dominant_colour(render_frames(recoloured), PALETTE, bg).colour
             follows.append(pf.Trial(base.path, colour, seen, len(colours)))
             ignores.append(pf.Trial(base.path, colour, fixed, len(colours)))

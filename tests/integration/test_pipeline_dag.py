@@ -37,7 +37,9 @@ def test_dag_run_succeeds_and_accounts_for_every_file(pipeline_run):
     assert ingest["reasons"].get("corrupt") == 1 and ingest["reasons"].get("not_media") == 1
     assert full["validate"]["success"] is True
     assert full["version"]["dataset_rev"] == summary["dataset rev"]
-    assert storage.is_committed(ingest["step_uri"]) and storage.is_committed(full["validate"]["step_uri"])
+    assert storage.is_committed(ingest["step_uri"]) and storage.is_committed(
+        full["validate"]["step_uri"]
+    )
 
 
 def test_dag_trains_and_samples(pipeline_run):
@@ -82,10 +84,22 @@ def test_mlflow_has_parent_and_nested_step_runs(pipeline_run, mlflow_server, mon
         output_format="list",
     )
     steps = {r.data.tags["tessera.step"]: r for r in runs}
-    assert {"pipeline", "demo_data", "ingest", "validate", "version", "train_vae", "encode",
-            "train_dit", "samples", "prompt_eval"} <= set(steps)
+    assert {
+        "pipeline",
+        "demo_data",
+        "ingest",
+        "validate",
+        "version",
+        "train_vae",
+        "encode",
+        "train_dit",
+        "samples",
+        "prompt_eval",
+    } <= set(steps)
     parent = steps["pipeline"].info.run_id
-    assert all(steps[s].data.tags.get("mlflow.parentRunId") == parent for s in ("ingest", "validate"))
+    assert all(
+        steps[s].data.tags.get("mlflow.parentRunId") == parent for s in ("ingest", "validate")
+    )
     assert steps["pipeline"].info.status == "FINISHED"
     assert steps["version"].data.tags.get("tessera.dataset_rev") == full["version"]["dataset_rev"]
 

@@ -86,8 +86,13 @@ def test_count_params_matches_model(qk_norm, pooled_text):
 def test_size_registry_and_flops():
     sizes = [count_params(dit_config(name)) for name in DIT_SIZES]
     assert list(DIT_SIZES) == [
-        "tessera-tiny", "tessera-xs", "tessera-s", "tessera-m", "tessera-l", "tessera-xl"
-    ]  # fmt: skip
+        "tessera-tiny",
+        "tessera-xs",
+        "tessera-s",
+        "tessera-m",
+        "tessera-l",
+        "tessera-xl",
+    ]
     assert sizes == sorted(sizes) and sizes[0] < 1e5 < 5e6 < sizes[1] and sizes[-1] < 1.5e9
     cfg = dit_config("tessera-s", in_channels=8, patch_size=(1, 2, 2))
     assert cfg.in_dim == 32 and cfg.rope_dims == (24, 20, 20)
@@ -234,8 +239,14 @@ def test_cpu_bf16_autocast_packed_equals_per_clip_and_fp32():
             packed = model(x, coords, cu, t, text, mask).float()
             for b in range(len(GRIDS)):
                 s, e = cu[b].item(), cu[b + 1].item()
-                alone = model(x[s:e], coords[s:e], torch.tensor([0, e - s]), t[b : b + 1],
-                              text[b : b + 1], mask[b : b + 1]).float()  # fmt: skip
+                alone = model(
+                    x[s:e],
+                    coords[s:e],
+                    torch.tensor([0, e - s]),
+                    t[b : b + 1],
+                    text[b : b + 1],
+                    mask[b : b + 1],
+                ).float()
                 torch.testing.assert_close(packed[s:e], alone, atol=1e-2, rtol=1e-2)
     scale = full.abs().max()
     assert (packed - full).abs().max() < 0.05 * scale

@@ -54,8 +54,11 @@ class TinyText(nn.Module):
 
 def tiny_vae() -> CausalVAE:
     torch.manual_seed(0)
-    vae = CausalVAE(VAEConfig(base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1,
-                              latent_channels=4))
+    vae = CausalVAE(
+        VAEConfig(
+            base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
+        )
+    )
     vae.set_latent_stats(shift=0.1, scale=1.5)  # non-identity, so normalisation is exercised
     return vae.eval()
 
@@ -71,8 +74,15 @@ def tiny_dit() -> DiT:
 
 
 def make_generator(**kwargs) -> VideoGenerator:
-    return VideoGenerator(tiny_vae(), tiny_dit(), TinyText(), FlowMatching(FlowConfig()),
-                          max_frames=17, max_pixels=MAX_PIXELS, **kwargs)
+    return VideoGenerator(
+        tiny_vae(),
+        tiny_dit(),
+        TinyText(),
+        FlowMatching(FlowConfig()),
+        max_frames=17,
+        max_pixels=MAX_PIXELS,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +99,9 @@ def smooth_video(frames: int, height: int, width: int, batch: int | None = None)
     y = torch.linspace(-1, 1, height)[None, :, None]
     x = torch.linspace(-1, 1, width)[None, None, :]
     shape = (frames, height, width)
-    video = torch.stack([(0.8 * x).expand(shape), (0.8 * y).expand(shape),
-                         0.6 * torch.sin(3 * x + 2 * y + 4 * t)])  # (3, T, H, W)
+    video = torch.stack(
+        [(0.8 * x).expand(shape), (0.8 * y).expand(shape), 0.6 * torch.sin(3 * x + 2 * y + 4 * t)]
+    )  # (3, T, H, W)
     return video if batch is None else video.expand(batch, -1, -1, -1, -1).contiguous()
 
 
@@ -147,8 +158,9 @@ def test_generate_is_deterministic_by_seed(generator):
 def test_text_keys_values_computed_once_per_sample(generator, monkeypatch):
     calls = []
     original = generator.dit.encode_text
-    monkeypatch.setattr(generator.dit, "encode_text",
-                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        generator.dit, "encode_text", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
     before = generator.text_encoder.calls
     generator.generate(["a red ball"], 1, 64, 64, steps=5)
     assert len(calls) == 1  # cond + null rows in one cache, reused over 5 steps
@@ -175,15 +187,23 @@ def test_generate_many_packs_sizes_and_matches_single_requests(generator, monkey
     ]
     segments = []
     original = generator.flow.sample
-    monkeypatch.setattr(generator.flow, "sample",
-                        lambda m, c, cu, *a, **k: segments.append(len(cu) - 1)
-                        or original(m, c, cu, *a, **k))
+    monkeypatch.setattr(
+        generator.flow,
+        "sample",
+        lambda m, c, cu, *a, **k: segments.append(len(cu) - 1) or original(m, c, cu, *a, **k),
+    )
     videos = generator.generate_many(requests, steps=STEPS)
     assert segments == [4]  # one packed sampling batch of four clips
     for req, video in zip(requests, videos, strict=True):
         assert video.shape == (3, req["frames"], req["height"], req["width"])
-        alone = generator.generate([req["prompt"]], req["frames"], req["height"], req["width"],
-                                   steps=STEPS, seed=req["seed"])[0]
+        alone = generator.generate(
+            [req["prompt"]],
+            req["frames"],
+            req["height"],
+            req["width"],
+            steps=STEPS,
+            seed=req["seed"],
+        )[0]
         torch.testing.assert_close(video, alone, atol=1e-4, rtol=0)
     segments.clear()
     small = generator.generate_many(requests, steps=STEPS, token_budget=40)
@@ -213,9 +233,12 @@ def test_bad_sizes_and_settings_raise_clear_errors(generator):
 
 def test_mismatched_models_are_rejected():
     with pytest.raises(ValueError, match="latent channels"):
-        VideoGenerator(tiny_vae(), DiT(DiTConfig(hidden_size=32, depth=1, num_heads=2,
-                                                 in_channels=8, text_dim=TEXT_DIM)),
-                       TinyText(), FlowMatching())
+        VideoGenerator(
+            tiny_vae(),
+            DiT(DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=8, text_dim=TEXT_DIM)),
+            TinyText(),
+            FlowMatching(),
+        )
     with pytest.raises(ValueError, match="text_dim=16"):
         VideoGenerator(tiny_vae(), tiny_dit(), TinyText(dim=8), FlowMatching())
 
@@ -266,8 +289,9 @@ def test_edit_partial_strength_and_batches(generator):
 
 
 def test_prototype_then_full_shares_the_seed(generator):
-    proto, full = generator.prototype_then_full("a red ball", 5, 48, 80, scale=0.5,
-                                                steps=STEPS, seed=7)
+    proto, full = generator.prototype_then_full(
+        "a red ball", 5, 48, 80, scale=0.5, steps=STEPS, seed=7
+    )
     assert proto.shape == (3, 5, 32, 48) and full.shape == (3, 5, 48, 80)
     expected = generator.generate(["a red ball"], 5, 48, 80, steps=STEPS, seed=7)[0]
     assert torch.equal(full, expected)
@@ -331,20 +355,24 @@ def save_models(generator: VideoGenerator, root):
 def test_from_pretrained_round_trip(generator, tmp_path):
     vae_dir, dit_dir = save_models(generator, tmp_path)
     assert load_flow_config(dit_dir / FLOW_CONFIG_NAME) == generator.flow.config
-    loaded = VideoGenerator.from_pretrained(vae_dir, dit_dir, generator.text_encoder,
-                                            max_pixels=MAX_PIXELS)
+    loaded = VideoGenerator.from_pretrained(
+        vae_dir, dit_dir, generator.text_encoder, max_pixels=MAX_PIXELS
+    )
     assert loaded.vae.config == generator.vae.config and loaded.max_pixels == MAX_PIXELS
     a = loaded.generate(["a red ball"], 1, 64, 64, steps=STEPS)
     b = generator.generate(["a red ball"], 1, 64, 64, steps=STEPS)
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(("missing", "producer"), [
-    ("vae/model.safetensors", "train_vae"),
-    ("vae/config.json", "train_vae"),
-    ("dit/model.safetensors", "train_dit"),
-    ("dit/flow.json", "train_dit"),
-])
+@pytest.mark.parametrize(
+    ("missing", "producer"),
+    [
+        ("vae/model.safetensors", "train_vae"),
+        ("vae/config.json", "train_vae"),
+        ("dit/model.safetensors", "train_dit"),
+        ("dit/flow.json", "train_dit"),
+    ],
+)
 def test_from_pretrained_names_missing_files(generator, tmp_path, missing, producer):
     vae_dir, dit_dir = save_models(generator, tmp_path)
     (tmp_path / missing).unlink()

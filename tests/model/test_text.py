@@ -69,9 +69,16 @@ def t5_dir(tmp_path_factory) -> Path:
         ["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>"
     )
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     torch.manual_seed(0)
     T5EncoderModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -81,19 +88,29 @@ def t5_dir(tmp_path_factory) -> Path:
 def clip_tokenizer():
     specials = ["<|endoftext|>", "<|startoftext|>", "<unk>"]
     return word_tokenizer(
-        specials, "<|startoftext|> $A <|endoftext|>",
-        pad_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-    )  # fmt: skip
+        specials,
+        "<|startoftext|> $A <|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+    )
 
 
 def clip_text_config():
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=len(clip_tokenizer()), hidden_size=16, intermediate_size=32,
-        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=24,
-        pad_token_id=0, bos_token_id=1, eos_token_id=0, projection_dim=8,
-    )  # fmt: skip
+        vocab_size=len(clip_tokenizer()),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=24,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=0,
+        projection_dim=8,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -246,8 +263,14 @@ def test_hf_clip_text_tower(clip_dir):
 def test_hf_clip_from_full_clip_checkpoint(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
-    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "image_size": 8, "patch_size": 4}  # fmt: skip
+    vision = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 8,
+        "patch_size": 4,
+    }
     config = CLIPConfig(
         text_config=clip_text_config().to_dict(), vision_config=vision, projection_dim=8
     )
@@ -310,8 +333,16 @@ def test_cache_key_depends_on_spec_and_max_length(minilm):
     base = CachedTextEncoder(minilm).key("a red ball")
     wider = TextEncoder("minilm", minilm.model, minilm.tokenizer, max_length=48)
     renamed = TextEncoder("hf-bert:x", minilm.model, minilm.tokenizer, max_length=32)
-    assert len({base, CachedTextEncoder(wider).key("a red ball"),
-                CachedTextEncoder(renamed).key("a red ball")}) == 3  # fmt: skip
+    assert (
+        len(
+            {
+                base,
+                CachedTextEncoder(wider).key("a red ball"),
+                CachedTextEncoder(renamed).key("a red ball"),
+            }
+        )
+        == 3
+    )
     assert null_text(CachedTextEncoder(wider))[0].shape == (1, 48, 384)
 
 

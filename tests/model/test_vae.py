@@ -23,8 +23,9 @@ from model.vae import (
 
 torch.set_num_threads(1)
 
-TINY = VAEConfig(base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1,
-                 latent_channels=4)
+TINY = VAEConfig(
+    base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,13 @@ def smooth_video(frames: int, height: int, width: int) -> torch.Tensor:
     y = torch.linspace(0, 1, height)[:, None]
     x = torch.linspace(0, 1, width)[None, :]
     channels = [
-        torch.stack([0.5 * torch.sin(2 * math.pi * (1.3 * x + 0.7 * y + 0.1 * t + 0.3 * c))
-                     + 0.3 * torch.cos(2 * math.pi * (2 * y - 0.5 * x)) for t in range(frames)])
+        torch.stack(
+            [
+                0.5 * torch.sin(2 * math.pi * (1.3 * x + 0.7 * y + 0.1 * t + 0.3 * c))
+                + 0.3 * torch.cos(2 * math.pi * (2 * y - 0.5 * x))
+                for t in range(frames)
+            ]
+        )
         for c in range(3)
     ]
     return torch.stack(channels)[None]
@@ -59,14 +65,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 # --------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"spatial_downsample": 6}, "power of two"),
-    ({"temporal_downsample": 3}, "power of two"),
-    ({"channel_multipliers": (1, 2, 4)}, "needs log2"),
-    ({"temporal_downsample": 16}, "level transitions"),
-    ({"latent_channels": 0}, "positive int"),
-    ({"scaling_factor": 0.0}, "scaling_factor"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"spatial_downsample": 6}, "power of two"),
+        ({"temporal_downsample": 3}, "power of two"),
+        ({"channel_multipliers": (1, 2, 4)}, "needs log2"),
+        ({"temporal_downsample": 16}, "level transitions"),
+        ({"latent_channels": 0}, "positive int"),
+        ({"scaling_factor": 0.0}, "scaling_factor"),
+    ],
+)
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(TINY, **overrides)
