@@ -1,1 +1,1 @@
-"""Pipeline steps and the plumbing they share (config, storage, tracking, manifest, CLI)."""
+"""Tessera: the pipeline steps (steps/), the plumbing they share (core/), orchestration, benchmarks and the CLI."""

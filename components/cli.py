@@ -1,16 +1,21 @@
-"""The ``tessera`` command line: every pipeline step, the demo, servers and benchmarks.
+"""The ``tessera`` command line: one command per pipeline step, plus the demo, servers, bench.
 
-Each step command runs the same function an Airflow task runs (``components.runner.run_step``),
-under a fresh CLI run id unless ``--run-id`` names one to resume.
+A step command is declared once with :func:`step_command`: its function takes the step's own
+arguments and returns the step's inputs; the decorator adds ``--profile/-p``, ``--set``,
+``--run-id`` and ``--no-track`` and runs the step exactly as an Airflow task does
+(``components.core.runner``), under a fresh CLI run id unless ``--run-id`` names one to resume.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -38,56 +43,69 @@ RunId = Annotated[
     typer.Option("--run-id", help="Pipeline run id; reusing one resumes or no-ops finished steps."),
 ]
 NoTrack = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
+ModelDir = Annotated[
+    str, typer.Option("--model", help="Model directory (vae/ + dit/), e.g. the train_dit output.")
+]
+_RUN_OPTIONS = [
+    inspect.Parameter(
+        "profile", inspect.Parameter.KEYWORD_ONLY, default="demo", annotation=Profile
+    ),
+    inspect.Parameter(
+        "overrides", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Overrides
+    ),
+    inspect.Parameter("run_id", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=RunId),
+    inspect.Parameter(
+        "no_track", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=NoTrack
+    ),
+]
 
 
 def _config(profile: str, overrides: list[str] | None):
-    from components.config import load_config
+    from components.core.config import load_config
 
     return load_config(profile, overrides or [])
 
 
-def _context(run_id: str | None, no_track: bool):
-    from components.runner import RunContext
+def step_command(name: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., None]]:
+    """Register ``tessera <name with dashes>`` for step ``name``; the function's docstring is
+    the help, its parameters the step's own arguments, its result the step's inputs."""
 
-    ctx = RunContext.new("cli", track=not no_track)
-    return RunContext(run_id, "cli", None, not no_track) if run_id else ctx
+    def register(fn: Callable[..., dict[str, Any]]) -> Callable[..., None]:
+        signature = inspect.signature(fn, eval_str=True)
 
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            from components.core import runner
+            from components.orchestration.tasks import spec
 
-def _emit(outputs: dict) -> None:
-    typer.echo(json.dumps(outputs, indent=2, sort_keys=True, default=str))
+            profile, overrides = kwargs.pop("profile"), kwargs.pop("overrides")
+            run_id, no_track = kwargs.pop("run_id"), kwargs.pop("no_track")
+            cfg = _config(profile, overrides)
+            ctx = runner.RunContext(run_id, "cli", None, not no_track) if run_id else None
+            ctx = ctx or runner.RunContext.new("cli", track=not no_track)
+            step = spec(name)
+            run = runner.run_mapped if step.plan else runner.run_step
+            outputs = run(step, cfg, ctx, **fn(**kwargs))
+            typer.echo(json.dumps(outputs, indent=2, sort_keys=True, default=str))
 
+        params = [*signature.parameters.values(), *_RUN_OPTIONS]
+        command.__signature__ = signature.replace(parameters=params, return_annotation=None)
+        return app.command(name.replace("_", "-"))(command)
 
-# --------------------------------------------------------------------------- config
-
-
-@app.command("config")
-def config_show(profile: Profile = "demo", overrides: Overrides = None) -> None:
-    """Print the fully resolved configuration (defaults < profile < --set)."""
-    from components.config import to_yaml
-
-    typer.echo(to_yaml(_config(profile, overrides)), nl=False)
+    return register
 
 
 # --------------------------------------------------------------------------- data intake
 
 
-@app.command("demo-data")
-def demo_data_cmd(
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+@step_command("demo_data")
+def demo_data() -> dict:
     """Render the captioned demo corpus (real mp4/PNG/JPEG files) into the store."""
-    from components import demo_data
-    from components.runner import run_step
-
-    cfg = _config(profile, overrides)
-    _emit(run_step("demo_data", demo_data.generate, cfg, _context(run_id, no_track)))
+    return {}
 
 
-@app.command("ingest")
-def ingest_cmd(
+@step_command("ingest")
+def ingest(
     src: Annotated[
         str, typer.Argument(help="Dir, glob, s3://bucket/prefix, or a .txt list of URIs.")
     ],
@@ -95,59 +113,31 @@ def ingest_cmd(
         str | None,
         typer.Option(help="Parquet of captions (path, caption, short_caption, caption_source)."),
     ] = None,
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+) -> dict:
     """Probe every file into manifest.parquet; everything else goes to quarantine.parquet."""
-    from components import ingest
-    from components.runner import run_step
-
-    cfg = _config(profile, overrides)
-    _emit(
-        run_step("ingest", ingest.run, cfg, _context(run_id, no_track), src=src, captions=captions)
-    )
+    return {"src": src, "captions": captions}
 
 
-@app.command("validate")
-def validate_cmd(
+@step_command("validate")
+def validate(
     manifest: Annotated[
         str, typer.Argument(help="URI of manifest.parquet (from `tessera ingest`).")
     ],
     quarantine: Annotated[str | None, typer.Option(help="Quarantine table to extend.")] = None,
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+) -> dict:
     """Validate a manifest with the Great Expectations suite; quarantine failing rows."""
-    from components import validate
-    from components.runner import run_step
-
-    cfg = _config(profile, overrides)
-    ctx = _context(run_id, no_track)
-    _emit(run_step("validate", validate.run, cfg, ctx, manifest=manifest, quarantine=quarantine))
+    return {"manifest": manifest, "quarantine": quarantine}
 
 
-@app.command("version")
-def version_cmd(
+@step_command("version")
+def version(
     manifest: Annotated[str, typer.Argument(help="URI of the validated manifest.parquet.")],
     captions: Annotated[
         str | None, typer.Option(help="captions.parquet to version alongside.")
     ] = None,
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
-    """Version the validated dataset with DVC and push it to the remote."""
-    from components import version
-    from components.runner import run_step
-
-    cfg = _config(profile, overrides)
-    ctx = _context(run_id, no_track)
-    _emit(run_step("version", version.run, cfg, ctx, manifest=manifest, captions=captions))
+) -> dict:
+    """Version the validated dataset with DVC, push it, and write the manifest training reads."""
+    return {"manifest": manifest, "captions": captions}
 
 
 @dataset_app.command("checkout")
@@ -160,157 +150,85 @@ def dataset_checkout(
     overrides: Overrides = None,
 ) -> None:
     """Restore exactly the dataset of revision REV."""
-    from components import version
+    from components.steps import version as step
 
-    path = version.checkout(_config(profile, overrides), rev, out)
+    path = step.checkout(_config(profile, overrides), rev, out)
     typer.echo(f"dataset {rev} restored into {path}")
 
 
 # --------------------------------------------------------------------------- training
 
 
-@app.command("train-vae")
-def train_vae_cmd(
-    manifest: Annotated[str, typer.Argument(help="URI of the validated manifest.parquet.")],
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+@step_command("train_vae")
+def train_vae(
+    manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
+) -> dict:
     """Train the causal video VAE with DeepSpeed (resumes from its checkpoints with --run-id)."""
-    from components import runner, train_vae
-
-    cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
-    _emit(
-        runner.run_step(
-            "train_vae",
-            train_vae.run,
-            cfg,
-            ctx,
-            manifest=manifest,
-            checkpoint_dir=runner.checkpoint_dir(ctx, "train_vae"),
-        )
-    )
+    return {"manifest": manifest}
 
 
-@app.command("encode")
-def encode_cmd(
-    manifest: Annotated[str, typer.Argument(help="URI of the validated manifest.parquet.")],
+@step_command("encode")
+def encode(
+    manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
     vae: Annotated[str, typer.Option(help="VAE directory (the train-vae output's vae/).")],
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+) -> dict:
     """Encode every clip at native size into latent shards + index.parquet."""
-    from components import encode, runner
-
-    cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
-    _emit(runner.run_step("encode", encode.run, cfg, ctx, manifest=manifest, vae=vae))
+    return {"manifest": manifest, "vae": vae}
 
 
-@app.command("train-dit")
-def train_dit_cmd(
+@step_command("train_dit")
+def train_dit(
     latents: Annotated[str, typer.Argument(help="The encode output's latents/ directory.")],
     vae: Annotated[
         str | None, typer.Option(help="VAE directory: enables sample videos and a complete model.")
     ] = None,
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+) -> dict:
     """Train the diffusion transformer on packed spacetime patches with DeepSpeed."""
-    from components import runner, train_dit
-
-    cfg, ctx = _config(profile, overrides), _context(run_id, no_track)
-    _emit(
-        runner.run_step(
-            "train_dit",
-            train_dit.run,
-            cfg,
-            ctx,
-            latents=latents,
-            vae=vae,
-            checkpoint_dir=runner.checkpoint_dir(ctx, "train_dit"),
-        )
-    )
+    return {"latents": latents, "vae": vae}
 
 
 # --------------------------------------------------------------------------- generation
 
-ModelDir = Annotated[
-    str, typer.Option("--model", help="Model directory (vae/ + dit/), e.g. the train_dit output.")
-]
 
-
-@app.command("generate")
-def generate_cmd(
+@step_command("generate")
+def generate(
     model: ModelDir,
     prompt: Annotated[list[str], typer.Option("--prompt", help="Text prompt (repeatable).")],
     aspect: Annotated[
         list[str] | None,
         typer.Option(help="16:9, 9:16, 1:1, 21:9, 4:3, W:H, or image (one frame); repeatable."),
     ] = None,
-    frames: Annotated[int, typer.Option(help="Frames per video (rounded up to 1 + 4k).")] = 17,
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+    frames: Annotated[
+        int | None,
+        typer.Option(
+            help="Frames per video, rounded up to 1 + 4k (default generate.sample_frames)."
+        ),
+    ] = None,
+) -> dict:
     """Text to video (or image): every prompt at every aspect ratio, written as mp4/png."""
-    from components import generate
-    from components.runner import run_step
-
-    cfg = _config(profile, overrides)
-    _emit(
-        run_step(
-            "generate",
-            generate.generate,
-            cfg,
-            _context(run_id, no_track),
-            model=model,
-            prompts=list(prompt),
-            aspects=list(aspect or ["16:9"]),
-            frames=frames,
-        )
-    )
+    return {
+        "model": model,
+        "prompts": list(prompt),
+        "aspects": aspect or ["16:9"],
+        "frames": frames,
+    }
 
 
-@app.command("edit")
-def edit_cmd(
+@step_command("edit")
+def edit(
     model: ModelDir,
     input: Annotated[str, typer.Option("--input", help="Video or image to edit (path or URI).")],
     prompt: Annotated[str, typer.Option(help="What the result should show.")],
     strength: Annotated[
         float, typer.Option(help="0 keeps the input, 1 ignores it (SDEdit noise level).")
     ] = 0.6,
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+) -> dict:
     """Text-guided editing of an image or video (SDEdit)."""
-    from components import generate
-    from components.runner import run_step
-
-    cfg = _config(profile, overrides)
-    _emit(
-        run_step(
-            "edit",
-            generate.edit,
-            cfg,
-            _context(run_id, no_track),
-            model=model,
-            input=input,
-            prompt=prompt,
-            strength=strength,
-        )
-    )
+    return {"model": model, "input": input, "prompt": prompt, "strength": strength}
 
 
-@app.command("eval-prompts")
-def eval_prompts_cmd(
+@step_command("prompt_eval")
+def prompt_eval(
     model: ModelDir,
     corpus: Annotated[
         str,
@@ -318,28 +236,16 @@ def eval_prompts_cmd(
             help="A demo-data output directory (clips/, captions.parquet, factors.parquet)."
         ),
     ],
-    profile: Profile = "demo",
-    overrides: Overrides = None,
-    run_id: RunId = None,
-    no_track: NoTrack = False,
-) -> None:
+) -> dict:
     """Colour-following check: recoloured corpus captions, same seed, colour read back."""
-    from components import demo_data, prompt_eval, storage
-    from components.runner import run_step
+    from components.core import demo_corpus, storage
 
-    cfg = _config(profile, overrides)
-    _emit(
-        run_step(
-            "prompt_eval",
-            prompt_eval.run,
-            cfg,
-            _context(run_id, no_track),
-            model=model,
-            clips=storage.join(corpus, demo_data.CLIPS_DIR),
-            captions=storage.join(corpus, demo_data.CAPTIONS_FILE),
-            factors=storage.join(corpus, demo_data.FACTORS_FILE),
-        )
-    )
+    return {
+        "model": model,
+        "clips": storage.join(corpus, demo_corpus.CLIPS_DIR),
+        "captions": storage.join(corpus, demo_corpus.CAPTIONS_FILE),
+        "factors": storage.join(corpus, demo_corpus.FACTORS_FILE),
+    }
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -352,31 +258,71 @@ def run_pipeline(
     source: Annotated[
         str, typer.Option(help="Raw videos to ingest; empty renders the demo corpus.")
     ] = "",
+    captions: Annotated[str, typer.Option(help="captions.parquet for --source.")] = "",
 ) -> None:
     """Run the whole pipeline DAG once through Airflow (`airflow dags test`)."""
-    from components import airflow_local
+    from components.orchestration import airflow_local
 
-    airflow_local.dags_test(profile, overrides or [], source)
+    summary = airflow_local.dags_test(profile, overrides or [], source, captions)
+    _print_summary(summary)
 
 
 @app.command("demo")
 def demo(profile: Profile = "demo", port: int = 5000) -> None:
     """Start MLflow on loopback and run the pipeline DAG on the demo corpus; print where to look."""
-    from components import airflow_local
-    from components.config import Environment
-    from components.tracking import MlflowServer
+    from components.core import tracking
+    from components.core.config import Environment
+    from components.orchestration import airflow_local
+    from components.orchestration.tasks import PIPELINE
 
     env = Environment.read()
-    server = MlflowServer(env.home, port=port).start()
+    server = tracking.MlflowServer(env.home, port=port).start()
     os.environ["MLFLOW_TRACKING_URI"] = server.url  # the DAG run's tasks inherit it
     summary = airflow_local.dags_test(profile, [], "")
+    tracking.setup()
+    experiment = tracking.ensure_experiment(
+        tracking.experiment_name(PIPELINE, _config(profile, []))
+    )
     typer.echo("")
     typer.secho("Tessera demo finished.", bold=True)
-    typer.echo(f"  MLflow UI     {server.url}  (experiment tessera/tessera_pipeline; left running)")
+    typer.echo(f"  MLflow UI     {tracking.experiment_url(server.url, experiment)}  (left running)")
     typer.echo(f"  Airflow UI    make airflow-ui  (AIRFLOW_HOME={airflow_local.airflow_home()})")
     typer.echo(f"  store         {env.home / 'store'}")
-    for key, value in summary.items():
-        typer.echo(f"  {key:<13} {value}")
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    """The lines a user wants at the end of a pipeline run, each once."""
+    from components.core import storage
+
+    ingest, vae = summary["ingest"], summary["train_vae"]
+    holdout = vae.get("holdout_psnr")
+    lines = {
+        "run_id": summary["run_id"],
+        "ingested": f"{ingest['ingested']} of {ingest['seen']} files ({ingest['quarantined']} "
+        f"quarantined: {ingest.get('reasons', {})})",
+        "manifest": summary["validate"]["manifest"],
+        "data docs": storage.join(summary["validate"]["data_docs"], "index.html"),
+        "quarantine": summary["validate"]["quarantine"],
+        "dataset rev": summary["version"]["dataset_rev"],
+        "vae": f"{vae['vae']} (held-out real footage PSNR "
+        f"{'n/a' if holdout is None else f'{holdout:.2f}'} dB)",
+        "model": summary["train_dit"].get("model", summary["train_dit"]["dit"]),
+        "samples": summary["generate"]["samples"],
+        "colour following": _colour_line(summary.get("prompt_eval")),
+    }
+    for key, value in lines.items():
+        typer.echo(f"  {key:<16} {value}")
+
+
+def _colour_line(evaluated: dict | None) -> str:
+    if not evaluated:
+        return "skipped (the colour check runs on the rendered demo corpus)"
+    return (
+        f"accuracy {evaluated['colour_accuracy']:.2f} vs chance "
+        f"{evaluated['colour_chance']:.2f} (p = {evaluated['colour_p_value']:.2g}, "
+        f"{evaluated['trials']} clips): {evaluated['result']}"
+    )
 
 
 # --------------------------------------------------------------------------- servers, bench
@@ -390,8 +336,8 @@ def mlflow_server(
     stop: Annotated[bool, typer.Option(help="Stop a background server on this port.")] = False,
 ) -> None:
     """Run a real MLflow tracking server + registry (SQLite under TESSERA_HOME)."""
-    from components.config import Environment
-    from components.tracking import MlflowServer
+    from components.core.config import Environment
+    from components.core.tracking import MlflowServer
 
     server = MlflowServer(Environment.read().home, host=host, port=port)
     if stop:
@@ -405,6 +351,14 @@ def mlflow_server(
     typer.echo(f"export MLFLOW_TRACKING_URI={server.url}")
 
 
+@app.command("config")
+def config_show(profile: Profile = "demo", overrides: Overrides = None) -> None:
+    """Print the fully resolved configuration (defaults < profile < --set)."""
+    from components.core.config import to_yaml
+
+    typer.echo(to_yaml(_config(profile, overrides)), nl=False)
+
+
 @app.command("bench")
 def bench(
     only: Annotated[
@@ -415,7 +369,7 @@ def bench(
 ) -> None:
     """Run the benchmarks (ours vs a named peer, same run) into TESSERA_HOME/bench/results.json."""
     from components.bench import print_table, run_benchmarks
-    from components.config import Environment
+    from components.core.config import Environment
 
     out = Environment.read().home / "bench" / "results.json"
     records = run_benchmarks(_config(profile, overrides), only, out)
@@ -424,12 +378,13 @@ def bench(
 
 def main() -> None:
     """Console entry point: known errors become one clear line and exit code 2."""
-    from components.config import ConfigError
-    from components.storage import StorageError
-    from components.tracking import TrackingError
+    from components.core.config import ConfigError
+    from components.core.storage import StorageError
+    from components.core.tracking import TrackingError
+    from components.orchestration.airflow_local import DagRunFailed
 
     try:
         app()
-    except (ConfigError, StorageError, TrackingError, FileNotFoundError) as exc:
+    except (ConfigError, StorageError, TrackingError, DagRunFailed, FileNotFoundError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise SystemExit(2) from None

@@ -1,28 +1,34 @@
-"""Tessera's main pipeline as an Airflow DAG: raw videos → manifest → validated → versioned.
+"""Tessera's main pipeline as an Airflow DAG: raw videos to a trained, sampled, evaluated model.
 
-Orchestration only: every task calls one function of ``components.pipeline`` (imported inside
-the task body, so parsing this file stays cheap), and only URIs and small dicts travel in XCom.
+Orchestration only: every task runs one step through ``components.orchestration.tasks`` (imported
+inside the task body, so parsing this file stays cheap); a task id is its step's name, and only
+URIs and small dicts travel in XCom.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Param, dag, task, teardown
 
 DOC = """
 ### Tessera pipeline
-Raw videos (a directory, glob or `s3://` prefix in **source**; empty renders the demo corpus)
-are probed into a manifest (`ingest`, corrupt files quarantined with a reason), checked by the
-Great Expectations suite (`validate`, Data Docs logged to MLflow) and versioned with DVC
-(`version`). The video VAE is trained (`train_vae`, DeepSpeed), every clip is encoded at native
-size into latent shards (`encode_shard`, mapped over shards, then `merge_latents`), the diffusion
-transformer is trained on packed spacetime patches (`train_dit`, DeepSpeed, resumes from its
-checkpoints on retry), `samples` renders videos at 16:9, 9:16, 1:1 and a still image, and
-`prompt_eval` scores how well generated clips follow the colour named in recoloured corpus
-captions (demo corpus only). Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so
-a retry of a finished step is a no-op and a retry of a crashed one starts that step again cleanly.
-MLflow: experiment `tessera/tessera_pipeline`, one parent run per DAG run, one nested run per step.
+`start` opens the run's MLflow parent run. Raw videos come from **source** (a directory, glob or
+`s3://` prefix); with no source, `demo_data` renders the captioned demo corpus (and is skipped
+otherwise). `ingest` probes every file into a manifest (corrupt files quarantined with a
+reason), `validate` checks it with the Great Expectations suite (Data Docs logged to MLflow) and
+`version` commits it to DVC (one run at a time: pool `tessera_dvc`); the training steps read
+that versioned dataset and are tagged with its revision. `train_vae` trains the video VAE
+(DeepSpeed), `encode` encodes every clip at native size into latent shards (planned by
+`encode_plan`, mapped over `encode_shard`), `train_dit` trains the diffusion transformer on
+packed spacetime patches (DeepSpeed), `generate` renders sample videos at 16:9, 9:16, 1:1 and a
+still image, and `prompt_eval` scores how well generated clips follow the colour named in
+recoloured corpus captions (demo corpus only: skipped for a source). `finish` always runs: it
+ends the parent run FINISHED or FAILED and writes the run's summary.
+
+Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a finished step is
+a no-op and a retry of a crashed one starts that step again (training resumes from its last
+checkpoint). MLflow: experiment `tessera/tessera_pipeline`, one nested run per step.
 """
 
 PARAMS = {
@@ -32,133 +38,140 @@ PARAMS = {
     "captions": Param("", type="string", description="captions.parquet for `source` (optional)"),
     "track": Param(True, type="boolean", description="log to MLflow"),
 }
+DVC_POOL = "tessera_dvc"  # one slot: DVC and git cannot run concurrently in one workspace
 
 
 @dag(
     dag_id="tessera_pipeline",
     schedule=None,
     catchup=False,
-    max_active_runs=1,  # DVC cannot run concurrently in one workspace
     params=PARAMS,
     doc_md=DOC,
     tags=["tessera"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"retries": 2},  # the delay is Airflow's [core] default_task_retry_delay
 )
 def tessera_pipeline():
-    @task
+    @task(execution_timeout=timedelta(minutes=5))
     def start(params=None, run_id=None) -> dict:
-        from components import pipeline
+        from components.orchestration import tasks
 
-        return pipeline.start(dict(params), run_id)
+        return tasks.start(dict(params), run_id)
 
-    @task
-    def corpus(run: dict, params=None) -> dict:
-        from components import pipeline
+    @task(execution_timeout=timedelta(hours=1))
+    def demo_data(run: dict, params=None) -> dict:
+        from components.orchestration import tasks
 
-        return pipeline.corpus(dict(params), run)
+        if params["source"]:
+            tasks.skip("params.source is set: its files are ingested instead of the demo corpus")
+        return tasks.run_task("demo_data", dict(params), run)
 
-    @task
-    def ingest(run: dict, raw: dict, params=None) -> dict:
-        from components import pipeline
+    @task(trigger_rule="none_failed", execution_timeout=timedelta(hours=6))
+    def ingest(run: dict, params=None) -> dict:
+        from components.orchestration import tasks
 
-        return pipeline.ingest(dict(params), run, raw)
-
-    @task
-    def validate(run: dict, ingested: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.validate(dict(params), run, ingested)
-
-    @task
-    def version(run: dict, validated: dict, raw: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.version(dict(params), run, validated, raw)
-
-    @task
-    def train_vae(run: dict, validated: dict, versioned: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.train_vae(dict(params), run, validated)
-
-    @task
-    def plan_encode(run: dict, validated: dict, params=None) -> list:
-        from components import pipeline
-
-        return pipeline.plan_encode(dict(params), run, validated)
-
-    @task(max_active_tis_per_dagrun=2)
-    def encode_shard(run: dict, validated: dict, vae: dict, shard: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.encode_shard(dict(params), run, validated, vae, shard)
-
-    @task
-    def merge_latents(run: dict, shards: list, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.merge_latents(dict(params), run, list(shards))
-
-    @task
-    def train_dit(run: dict, latents: dict, vae: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.train_dit(dict(params), run, latents, vae)
-
-    @task
-    def samples(run: dict, dit: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.samples(dict(params), run, dit)
-
-    @task
-    def prompt_eval(run: dict, raw: dict, dit: dict, params=None) -> dict:
-        from components import pipeline
-
-        return pipeline.prompt_eval(dict(params), run, raw, dit)
-
-    @task(retries=0)
-    def finish(
-        run: dict,
-        ingested: dict,
-        validated: dict,
-        versioned: dict,
-        vae: dict,
-        latents: dict,
-        dit: dict,
-        sampled: dict,
-        evaluated: dict,
-        params=None,
-    ) -> dict:
-        from components import pipeline
-
-        return pipeline.finish(
-            dict(params),
-            run,
-            ingest=ingested,
-            validate=validated,
-            version=versioned,
-            train_vae=vae,
-            encode=latents,
-            train_dit=dit,
-            samples=sampled,
-            prompt_eval=evaluated,
+        raw = tasks.corpus(dict(params), run)
+        return tasks.run_task(
+            "ingest", dict(params), run, src=raw["clips"], captions=raw.get("captions")
         )
 
+    @task(execution_timeout=timedelta(hours=1))
+    def validate(run: dict, ingested: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task(
+            "validate",
+            dict(params),
+            run,
+            manifest=ingested["manifest"],
+            quarantine=ingested["quarantine"],
+        )
+
+    @task(pool=DVC_POOL, execution_timeout=timedelta(hours=6))
+    def version(run: dict, validated: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        raw = tasks.corpus(dict(params), run)
+        return tasks.run_task(
+            "version", dict(params), run, manifest=validated["manifest"], captions=raw["captions"]
+        )
+
+    @task(execution_timeout=timedelta(hours=48))
+    def train_vae(run: dict, dataset: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task("train_vae", dict(params), run, manifest=dataset["manifest"])
+
+    @task(execution_timeout=timedelta(minutes=10))
+    def encode_plan(run: dict, dataset: dict, params=None) -> list:
+        from components.orchestration import tasks
+
+        return tasks.plan_task("encode", dict(params), run, manifest=dataset["manifest"])
+
+    @task(max_active_tis_per_dagrun=2, execution_timeout=timedelta(hours=6))
+    def encode_shard(run: dict, dataset: dict, vae: dict, shard: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.part_task(
+            "encode", dict(params), run, shard, manifest=dataset["manifest"], vae=vae["vae"]
+        )
+
+    @task(execution_timeout=timedelta(hours=1))
+    def encode(run: dict, shards: list, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task("encode", dict(params), run, parts=tasks.gather(shards))
+
+    @task(execution_timeout=timedelta(hours=72))
+    def train_dit(run: dict, latents: dict, vae: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task(
+            "train_dit", dict(params), run, latents=latents["latents"], vae=vae["vae"]
+        )
+
+    @task(execution_timeout=timedelta(hours=2))
+    def generate(run: dict, dit: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task("generate", dict(params), run, model=dit["model"])
+
+    @task(execution_timeout=timedelta(hours=4))
+    def prompt_eval(run: dict, demo: dict, dit: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task(
+            "prompt_eval",
+            dict(params),
+            run,
+            model=dit["model"],
+            clips=demo["clips"],
+            captions=demo["captions"],
+            factors=demo["factors"],
+        )
+
+    @teardown
+    @task(retries=0, execution_timeout=timedelta(minutes=10))
+    def finish(run: dict, params=None, ti=None) -> dict:
+        from components.orchestration import tasks
+
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])[ti.run_id]
+        return tasks.finish(dict(params), run, {k: v for k, v in states.items() if k != ti.task_id})
+
     run = start()
-    raw = corpus(run)
-    ingested = ingest(run, raw)
+    demo = demo_data(run)
+    ingested = ingest(run)
+    demo >> ingested
     validated = validate(run, ingested)
-    versioned = version(run, validated, raw)
-    vae = train_vae(run, validated, versioned)
-    shards = encode_shard.partial(run=run, validated=validated, vae=vae).expand(
-        shard=plan_encode(run, validated)
+    dataset = version(run, validated)
+    vae = train_vae(run, dataset)
+    shards = encode_shard.partial(run=run, dataset=dataset, vae=vae).expand(
+        shard=encode_plan(run, dataset)
     )
-    latents = merge_latents(run, shards)
+    latents = encode(run, shards)
     dit = train_dit(run, latents, vae)
-    sampled = samples(run, dit)
-    evaluated = prompt_eval(run, raw, dit)
-    finish(run, ingested, validated, versioned, vae, latents, dit, sampled, evaluated)
+    steps = [demo, ingested, validated, dataset, vae, latents, dit, generate(run, dit)]
+    steps.append(prompt_eval(run, demo, dit))
+    steps >> finish(run)
 
 
 pipeline_dag = tessera_pipeline()

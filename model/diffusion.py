@@ -31,7 +31,6 @@ Models follow the :class:`model.dit.DiT` protocol: ``model.config.in_dim``,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.patches import PackedBatch, patch_coords
+from model.config import ModelConfig
+from model.patches import PackedBatch, pad_text, segment_ids
 
 PREDICTIONS = ("x0", "velocity")
 SHIFT_MODES = ("none", "fixed", "resolution")
@@ -48,7 +48,7 @@ SAMPLERS = ("euler", "heun")
 
 
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(ModelConfig):
     """Flow-matching objective and schedule.
 
     Attributes:
@@ -79,6 +79,7 @@ class FlowConfig:
     loss_buckets: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.prediction not in PREDICTIONS:
             raise ValueError(
                 f"FlowConfig.prediction={self.prediction!r} is not one of {PREDICTIONS}"
@@ -128,9 +129,7 @@ class LossOutput:
     buckets: dict[str, float]
 
 
-# --------------------------------------------------------------------------------------------
-# schedule helpers
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- schedule helpers
 
 
 def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -204,9 +203,7 @@ def null_condition(
 
 def concat_text(a: Tensor, a_mask: Tensor, b: Tensor, b_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Stack two text batches along B, padding the shorter Lt with masked zeros."""
-    length = max(a.shape[1], b.shape[1])
-    (a, a_mask), (b, b_mask) = _pad_text(a, a_mask, length), _pad_text(b, b_mask, length)
-    return torch.cat([a, b]), torch.cat([a_mask, b_mask])
+    return pad_text([*a, *b], [*a_mask, *b_mask])
 
 
 def drop_text(
@@ -235,9 +232,7 @@ def drop_text(
     return text, text_mask, dropped
 
 
-# --------------------------------------------------------------------------------------------
-# flow matching
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- flow matching
 
 
 class FlowMatching:
@@ -246,7 +241,7 @@ class FlowMatching:
     def __init__(self, config: FlowConfig | None = None):
         self.config = config or FlowConfig()
 
-    # ---- schedule --------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- schedule
 
     def shift_for(self, num_tokens: Tensor) -> Tensor:
         """(B,) shift of clips with ``num_tokens`` (B,) tokens each."""
@@ -275,7 +270,7 @@ class FlowMatching:
         base = torch.linspace(1.0, 0.0, steps + 1, device=num_tokens.device)[:, None]  # (S+1, 1)
         return time_shift(base, self.shift_for(num_tokens)[None, :])  # (S+1, B)
 
-    # ---- parameterisation ------------------------------------------------------------------
+    # --------------------------------------------------------------------------- parameterisation
 
     def to_velocity(self, pred: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """Network output -> velocity; ``t`` broadcasts against x_t (e.g. (N, 1)) and must be > 0 for x0."""
@@ -285,7 +280,7 @@ class FlowMatching:
         """Network output -> clean-patch estimate."""
         return pred if self.config.prediction == "x0" else x_t - t * pred
 
-    # ---- training --------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- training
 
     def training_loss(
         self,
@@ -344,7 +339,7 @@ class FlowMatching:
             buckets=loss_by_timestep_bucket(per_clip[counted], t[counted], cfg.loss_buckets),
         )
 
-    # ---- sampling --------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- sampling
 
     def guided_velocity(
         self,
@@ -363,10 +358,7 @@ class FlowMatching:
         ``v_null + guidance * (v_cond - v_null)``.
         """
         num_tokens = x.shape[0]
-        seg_ids = torch.repeat_interleave(
-            torch.arange(t.shape[0], device=x.device), torch.diff(cu_seqlens)
-        )
-        t_tok = t[seg_ids][:, None].to(x.dtype)  # (N, 1)
+        t_tok = t[segment_ids(cu_seqlens)][:, None].to(x.dtype)  # (N, 1)
         if guidance is None:
             pred = model(x, coords, cu_seqlens, t, text_cache=text_cache)  # (N, D)
             return self.to_velocity(pred, x, t_tok)
@@ -421,9 +413,7 @@ class FlowMatching:
         if method not in SAMPLERS:
             raise ValueError(f"sampler {method!r} is not one of {SAMPLERS}")
         cache, g = self._text_cache(model, text, text_mask, guidance, null_text, null_mask)
-        seg_ids = torch.repeat_interleave(
-            torch.arange(grid.shape[1], device=x.device), torch.diff(cu_seqlens)
-        )
+        seg_ids = segment_ids(cu_seqlens)  # (N,)
         for i in range(grid.shape[0] - 1):
             t, t_next = grid[i], grid[i + 1]  # (B,) each
             dt = (t_next - t)[seg_ids][:, None].to(x.dtype)  # (N, 1)
@@ -437,6 +427,28 @@ class FlowMatching:
             x = x_next
         return x
 
+    def _start(
+        self,
+        shape: Sequence[int],
+        cu_seqlens: Tensor,
+        steps: int,
+        remaining: int,
+        noise: Tensor | None,
+        generator: torch.Generator | None,
+        seed: int | None,
+        num_tokens: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        """What every sampler starts from: the noise (given, or drawn from ``generator`` /
+        ``seed``) and the last ``remaining`` steps of the shifted time grid, (remaining + 1, B)."""
+        device = cu_seqlens.device
+        if noise is None:
+            if generator is None and seed is not None:
+                generator = torch.Generator().manual_seed(seed)
+            noise = _randn(shape, generator, device)
+        tokens = torch.diff(cu_seqlens) if num_tokens is None else num_tokens
+        grid = self.timestep_grid(steps, tokens.to(device))  # (steps + 1, B)
+        return noise, grid[steps - remaining :]
+
     def sample(
         self,
         model: Any,
@@ -446,48 +458,30 @@ class FlowMatching:
         text_mask: Tensor | None = None,
         *,
         steps: int = 30,
-        guidance: float = 1.0,
-        method: str = "euler",
-        null_text: Tensor | None = None,
-        null_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
         noise: Tensor | None = None,
         num_tokens: Tensor | None = None,
+        **solver: Any,
     ) -> Tensor:
         """Generate B packed clips from noise.
 
         Args:
-            coords, cu_seqlens: the packing of the clips to generate (e.g. from ``patch_coords``).
+            coords, cu_seqlens: the packing of the clips to generate (``patches.pack_grids``).
             text, text_mask: (B, Lt, Dt) / (B, Lt) prompts, one row per clip.
-            steps, guidance, method: solver steps, CFG scale (1 = no guidance), ``"euler"``/``"heun"``.
+            steps: solver steps.
             generator / seed: RNG of the initial noise; the ODE is deterministic given it.
             noise: (N, in_dim) initial noise instead of drawing it.
             num_tokens: (B,) tokens per clip for the shift (default: the segment lengths).
+            solver: ``guidance`` (CFG scale, 1 = none), ``method`` (``"euler"`` / ``"heun"``),
+                ``null_text`` / ``null_mask``: as :meth:`integrate`.
 
         Returns:
             (N, in_dim) clean tokens; ``model.patches.unpatchify`` each segment to get latents.
         """
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        device = coords.device
-        if noise is None:
-            noise = _randn((coords.shape[0], model.config.in_dim), generator, device)
-        tokens = torch.diff(cu_seqlens) if num_tokens is None else num_tokens
-        grid = self.timestep_grid(steps, tokens.to(device))  # (S+1, B)
-        return self.integrate(
-            model,
-            noise,
-            coords,
-            cu_seqlens,
-            grid,
-            text,
-            text_mask,
-            guidance=guidance,
-            method=method,
-            null_text=null_text,
-            null_mask=null_mask,
-        )
+        shape = (coords.shape[0], model.config.in_dim)
+        x, grid = self._start(shape, cu_seqlens, steps, steps, noise, generator, seed, num_tokens)
+        return self.integrate(model, x, coords, cu_seqlens, grid, text, text_mask, **solver)
 
     def sdedit(
         self,
@@ -500,52 +494,25 @@ class FlowMatching:
         *,
         strength: float,
         steps: int = 30,
-        guidance: float = 1.0,
-        method: str = "euler",
-        null_text: Tensor | None = None,
-        null_mask: Tensor | None = None,
         generator: torch.Generator | None = None,
         seed: int | None = None,
+        noise: Tensor | None = None,
         num_tokens: Tensor | None = None,
+        **solver: Any,
     ) -> Tensor:
         """SDEdit (Meng et al. 2022): noise the input tokens x0 (N, D) to the time that leaves
         ``round(strength * steps)`` steps of the shifted schedule, then denoise those steps with
-        ``text`` (the new prompt). ``strength = 0`` returns the input, ``1`` ignores it."""
+        ``text`` (the new prompt). ``strength = 0`` returns the input; at ``1`` the input is
+        ignored and, with the same ``noise``, the result equals :meth:`sample`. Other arguments
+        as :meth:`sample`."""
         if not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         remaining = round(strength * steps)
         if remaining == 0:
             return x0.clone()
-        if generator is None and seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-        tokens = torch.diff(cu_seqlens) if num_tokens is None else num_tokens
-        grid = self.timestep_grid(steps, tokens.to(x0.device))[
-            steps - remaining :
-        ]  # (remaining + 1, B)
-        seg_ids = torch.repeat_interleave(
-            torch.arange(grid.shape[1], device=x0.device), torch.diff(cu_seqlens)
+        noise, grid = self._start(
+            x0.shape, cu_seqlens, steps, remaining, noise, generator, seed, num_tokens
         )
-        t0 = grid[0][seg_ids][:, None].to(x0.dtype)  # (N, 1)
-        x = interpolate(x0, _randn(x0.shape, generator, x0.device).to(x0.dtype), t0)  # (N, D)
-        return self.integrate(
-            model,
-            x,
-            coords,
-            cu_seqlens,
-            grid,
-            text,
-            text_mask,
-            guidance=guidance,
-            method=method,
-            null_text=null_text,
-            null_mask=null_mask,
-        )
-
-
-def pack_for_sampling(
-    grids: Sequence[Sequence[int]], device: torch.device | str | None = None
-) -> tuple[Tensor, Tensor]:
-    """coords (N, 3) and cu_seqlens (B + 1,) for generating clips of the given patch grids."""
-    coords = torch.cat([patch_coords(g, device=device) for g in grids])
-    lengths = torch.tensor([math.prod(g) for g in grids], dtype=torch.int64, device=device)
-    return coords, F.pad(torch.cumsum(lengths, 0), (1, 0))
+        t0 = grid[0][segment_ids(cu_seqlens)][:, None].to(x0.dtype)  # (N, 1)
+        x = interpolate(x0, noise.to(x0.dtype), t0)  # (N, D)
+        return self.integrate(model, x, coords, cu_seqlens, grid, text, text_mask, **solver)

@@ -9,26 +9,15 @@ Peebles & Xie's DiT with the pieces a text-to-video model needs:
 * **cross-attention** to each clip's own text tokens (PixArt-α style, zero-initialised output);
 * a zero-initialised final layer, so the model outputs exactly zero at init.
 
-Attention backends (``DiTConfig.attention_backend``):
-
-* ``"sdpa_segments"`` — ``F.scaled_dot_product_attention`` per run of consecutive equal-length
-  clips, batched (strided views, no copies). The CPU default: a dense block mask is ~4x slower on
-  CPU and FlexAttention has no CPU backward. Under CPU bf16 autocast, calls within
-  ``MATMUL_ATTENTION_MAX_BYTES`` of probabilities use :func:`matmul_attention`, not the flash kernel.
-* ``"dense_mask"`` — one SDPA call with an (N, N) block-diagonal mask; O(N²) memory, for tests.
-* ``"flex"`` — ``torch.nn.attention.flex_attention`` with a document mask; CUDA only.
-* ``"auto"`` — ``"flex"`` on CUDA when importable, else ``"sdpa_segments"``.
+Attention over packed clips and its backends live in ``model.attention``; parameter and FLOP
+counts in ``model.flops``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,19 +26,22 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-ATTENTION_BACKENDS = ("sdpa_segments", "dense_mask", "flex", "auto")
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-_FLEX_BLOCK = 128  # FlexAttention's sparse block size; sequences are padded to a multiple of it
+from model.attention import (
+    ATTENTION_BACKENDS,
+    AttentionContext,
+    TextCache,
+    build_attention_context,
+    resolve_backend,
+    segment_attention,
+    text_attention,
+)
+from model.config import ModelConfig, Pretrained, SizeRegistry
 
-
-# --------------------------------------------------------------------------------------------
-# config
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- config
 
 
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(ModelConfig):
     """Hyperparameters of a :class:`DiT`; passed whole to every submodule.
 
     Attributes:
@@ -94,11 +86,7 @@ class DiTConfig:
     pooled_text: bool = True
 
     def __post_init__(self) -> None:
-        # JSON gives lists; store tuples so the config stays hashable and compares equal.
-        for name in ("patch_size", "rope_axes_dim"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+        super().__post_init__()
         for name in (
             "hidden_size",
             "depth",
@@ -166,26 +154,13 @@ class DiTConfig:
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
-
 
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"DiTConfig.{name} must be a positive int, got {value!r}")
 
 
-# --------------------------------------------------------------------------------------------
-# embeddings: timestep, 3D RoPE
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- embeddings: timestep, 3D RoPE
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -249,262 +224,7 @@ def apply_rope_cis(x: Tensor, freqs_cis: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)  # (N, H, hd)
 
 
-# --------------------------------------------------------------------------------------------
-# attention over packed segments
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TextCache:
-    """Text keys/values of every block, computed once per prompt batch and reused across steps.
-
-    Attributes:
-        kv: per block ``(k, v)``, each (B, Lt, H, head_dim), k already QK-normed.
-        mask: (B, Lt) bool, True for real text tokens.
-        valid_index: per row, the int64 positions of its real text tokens.
-        pooled: (B, D) projected pooled text added to the timestep embedding (zeros for rows
-            without text, or when the model has no pooled path).
-    """
-
-    kv: list[tuple[Tensor, Tensor]]
-    mask: Tensor
-    valid_index: list[Tensor]
-    pooled: Tensor
-
-    @property
-    def has_text(self) -> Tensor:
-        """(B,) bool; a row without text (e.g. the CFG null prompt) gets zero cross-attention."""
-        return self.mask.any(dim=-1)
-
-
-@dataclass
-class AttentionContext:
-    """Everything about the packing that attention needs, built once per forward."""
-
-    backend: str
-    seg_ids: Tensor  # (N,) int64
-    seqlens: list[int]  # B python ints
-    token_has_text: Tensor  # (N, 1) float: 0 where the clip has no text tokens
-    self_mask: Any = None  # dense: (N, N) bool; flex: BlockMask
-    cross_mask: Any = None  # dense: (N, B*Lt) bool; flex: BlockMask
-    text_valid_index: list[Tensor] | None = None
-    all_have_text: bool = False  # every clip has text: token_has_text is all ones, skip it
-    uniform: bool = False  # every clip has the same length: blocks broadcast (B, 1, D) modulation
-    runs: list[SegmentRun] | None = None  # sdpa_segments: clips batched per SDPA call
-
-
-@dataclass
-class SegmentRun:
-    """Consecutive packed clips of equal length, attended to in one batched SDPA call.
-
-    ``plan_packs`` places clips longest first, so equal sizes sit next to each other and a pack
-    of same-shape clips (fixed-shape training, CFG's cond + null halves) is a single run.
-    """
-
-    first: int  # index of its first clip
-    count: int  # number of clips
-    length: int  # tokens per clip
-    text_mask: Tensor | None  # (count, 1, 1, Lt) bool key mask, None when all text is real
-
-
-def _flex_available() -> bool:
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
-def _compiled_flex_attention() -> Callable[..., Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        return "flex" if device.type == "cuda" and _flex_available() else "sdpa_segments"
-    if backend == "flex":
-        if device.type != "cuda":
-            raise RuntimeError(
-                f"attention_backend='flex' needs CUDA tensors (got device {device}); FlexAttention has "
-                "no CPU backward — use 'sdpa_segments' on CPU"
-            )
-        if not _flex_available():
-            raise RuntimeError(
-                "attention_backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)"
-            )
-    return backend
-
-
-def _pad_to_block(x: Tensor, fill: float | int = 0) -> Tensor:
-    """Pad dim 0 to a multiple of the flex block size."""
-    pad = -x.shape[0] % _FLEX_BLOCK
-    return F.pad(x, (0, 0) * (x.ndim - 1) + (0, pad), value=fill) if pad else x
-
-
-def _segment_runs(seqlens: list[int], text: TextCache) -> list[SegmentRun]:
-    """Split the packed clips into runs of consecutive equal-length clips (see SegmentRun)."""
-    # rows without text attend to all of it (no NaN) and are zeroed by token_has_text
-    text_ok = text.mask | ~text.has_text[:, None]  # (B, Lt)
-    runs, first = [], 0
-    while first < len(seqlens):
-        end = first + 1
-        while end < len(seqlens) and seqlens[end] == seqlens[first]:
-            end += 1
-        mask = text_ok[first:end]  # (count, Lt)
-        mask = None if bool(mask.all()) else mask[:, None, None, :]  # (count, 1, 1, Lt)
-        runs.append(SegmentRun(first, end - first, seqlens[first], mask))
-        first = end
-    return runs
-
-
-def build_attention_context(
-    backend: str, cu_seqlens: Tensor, num_tokens: int, device: torch.device, text: TextCache
-) -> AttentionContext:
-    seqlens = torch.diff(cu_seqlens).tolist()
-    if sum(seqlens) != num_tokens or any(n < 1 for n in seqlens):
-        raise ValueError(
-            f"cu_seqlens {cu_seqlens.tolist()} does not describe {num_tokens} tokens in non-empty segments"
-        )
-    lengths = torch.tensor(seqlens, device=device)
-    seg_ids = torch.repeat_interleave(torch.arange(len(seqlens), device=device), lengths)  # (N,)
-    token_has_text = text.has_text.to(device)[seg_ids].float()[:, None]  # (N, 1)
-    ctx = AttentionContext(backend, seg_ids, seqlens, token_has_text)
-    ctx.all_have_text = bool(text.has_text.all())
-    ctx.uniform = len(set(seqlens)) == 1
-    if backend == "sdpa_segments":
-        ctx.text_valid_index = text.valid_index
-        ctx.runs = _segment_runs(seqlens, text)
-        return ctx
-    batch, text_len = text.mask.shape
-    text_seg = torch.arange(batch, device=device).repeat_interleave(text_len)  # (B*Lt,)
-    # rows without text attend to everything (no NaN) and are zeroed by token_has_text
-    text_ok = text.mask.reshape(-1) | ~text.has_text.repeat_interleave(text_len)  # (B*Lt,)
-    if backend == "dense_mask":
-        ctx.self_mask = seg_ids[:, None] == seg_ids[None, :]  # (N, N)
-        ctx.cross_mask = (seg_ids[:, None] == text_seg[None, :]) & text_ok[None, :]  # (N, B*Lt)
-    elif backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        q_seg = _pad_to_block(seg_ids, fill=-1)  # pad tokens form their own segment
-        kv_seg = _pad_to_block(
-            torch.where(text_ok, text_seg, -2), fill=-2
-        )  # masked text matches nothing
-
-        def same_clip(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            return q_seg[q] == q_seg[kv]
-
-        def own_text(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
-            return q_seg[q] == kv_seg[kv]
-
-        n_pad, t_pad = q_seg.shape[0], kv_seg.shape[0]
-        ctx.self_mask = create_block_mask(
-            same_clip, None, None, n_pad, n_pad, device=device, _compile=True
-        )
-        ctx.cross_mask = create_block_mask(
-            own_text, None, None, n_pad, t_pad, device=device, _compile=True
-        )
-    return ctx
-
-
-# bf16 self-attention on CPU runs as two bf16 matmuls and a softmax (:func:`matmul_attention`):
-# ~1.5x faster than SDPA's CPU flash kernel in bf16 (1,280 tokens, head dim 64, forward +
-# backward), for the (L, L) probabilities of every head kept for backward. Calls whose
-# probabilities would exceed this many bytes keep the flash kernel's O(L) memory.
-MATMUL_ATTENTION_MAX_BYTES = 128 * 2**20
-
-
-def _cpu_bf16_autocast() -> bool:
-    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-
-
-def _use_matmul_attention(q: Tensor, keys: int | None = None) -> bool:
-    """q (..., L, hd) attending to ``keys`` keys (default L): on CPU in bf16 (or under bf16
-    autocast), within the memory cap."""
-    if q.device.type != "cpu" or not (q.dtype == torch.bfloat16 or _cpu_bf16_autocast()):
-        return False
-    return q.shape[:-1].numel() * (keys or q.shape[-2]) * 2 <= MATMUL_ATTENTION_MAX_BYTES
-
-
-def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Softmax attention as bf16 matmuls: q (..., L, hd), k and v (..., M, hd), optional bool
-    key ``mask`` broadcastable to (..., L, M) -> (..., L, hd) in bf16.
-
-    The CPU softmax kernel accumulates bf16 inputs in fp32; scores and probabilities are stored in
-    bf16, as the math SDPA backend does in bf16.
-    """
-    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (..., L, M)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v)
-
-
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-    """Self-attention within each packed clip: q, k, v (N, H, hd) -> (N, H, hd)."""
-    if ctx.backend == "sdpa_segments":
-        # split, not slices: the backward of a split is one cat, of a slice a full-size zero fill
-        sizes = [run.count * run.length for run in ctx.runs]
-        outs = []
-        for run, qs, ks, vs in zip(
-            ctx.runs, q.split(sizes), k.split(sizes), v.split(sizes), strict=True
-        ):
-            qs, ks, vs = (
-                rearrange(s, "(b n) h d -> b h n d", b=run.count) for s in (qs, ks, vs)
-            )  # (count, H, L, hd) strided views, no copy
-            if _use_matmul_attention(qs):
-                out = matmul_attention(qs, ks, vs)  # (count, H, L, hd)
-            else:
-                out = F.scaled_dot_product_attention(qs, ks, vs)  # (count, H, L, hd)
-            outs.append(rearrange(out, "b h n d -> (b n) h d"))  # a view when SDPA wrote it
-        return outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, hd)
-    if ctx.backend == "dense_mask":
-        q, k, v = (rearrange(s, "n h d -> 1 h n d") for s in (q, k, v))  # (1, H, N, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.self_mask)  # (1, H, N, hd)
-        return rearrange(out, "1 h n d -> n h d")
-    n = q.shape[0]
-    q, k, v = (
-        rearrange(_pad_to_block(s), "n h d -> 1 h n d") for s in (q, k, v)
-    )  # (1, H, Npad, hd)
-    out = _compiled_flex_attention()(q, k, v, block_mask=ctx.self_mask)  # (1, H, Npad, hd)
-    return rearrange(out, "1 h n d -> n h d")[:n]
-
-
-def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-    """Cross-attention of each clip's tokens q (N, H, hd) to its own text k, v (B, Lt, H, hd)."""
-    if ctx.backend == "sdpa_segments":
-        sizes, counts = [r.count * r.length for r in ctx.runs], [r.count for r in ctx.runs]
-        outs = []
-        for run, qs, ks, vs in zip(
-            ctx.runs, q.split(sizes), k.split(counts), v.split(counts), strict=True
-        ):
-            qs = rearrange(qs, "(b n) h d -> b h n d", b=run.count)  # (count, H, L, hd)
-            ks, vs = (rearrange(s, "b l h d -> b h l d") for s in (ks, vs))  # (count, H, Lt, hd)
-            if _use_matmul_attention(qs, ks.shape[-2]):
-                out = matmul_attention(qs, ks, vs, run.text_mask)
-            else:
-                out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=run.text_mask)
-            outs.append(rearrange(out, "b h n d -> (b n) h d"))  # (count * L, H, hd)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, hd)
-    elif ctx.backend == "dense_mask":
-        q = rearrange(q, "n h d -> 1 h n d")  # (1, H, N, hd)
-        k, v = (rearrange(s, "b l h d -> 1 h (b l) d") for s in (k, v))  # (1, H, B*Lt, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.cross_mask)  # (1, H, N, hd)
-        out = rearrange(out, "1 h n d -> n h d")
-    else:
-        n = q.shape[0]
-        q = rearrange(_pad_to_block(q), "n h d -> 1 h n d")  # (1, H, Npad, hd)
-        k, v = (
-            rearrange(_pad_to_block(rearrange(s, "b l h d -> (b l) h d")), "m h d -> 1 h m d")
-            for s in (k, v)
-        )
-        out = _compiled_flex_attention()(q, k, v, block_mask=ctx.cross_mask)  # (1, H, Npad, hd)
-        out = rearrange(out, "1 h n d -> n h d")[:n]
-    if ctx.all_have_text:
-        return out  # (N, H, hd)
-    return out * ctx.token_has_text[:, :, None].to(out.dtype)  # (N, H, hd)
+# --------------------------------------------------------------------------- attention
 
 
 class RMSNorm(nn.RMSNorm):
@@ -562,9 +282,7 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(out, "n h d -> n (h d)")).view(x.shape)  # (N, D) or (B, L, D)
 
 
-# --------------------------------------------------------------------------------------------
-# blocks
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- blocks
 
 
 class Mlp(nn.Module):
@@ -631,13 +349,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))  # (N, Dout)
 
 
-# --------------------------------------------------------------------------------------------
-# the model
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the model
 
 
-class DiT(nn.Module):
+class DiT(Pretrained, nn.Module):
     """Text-conditioned diffusion transformer over packed patch tokens (see module docstring)."""
+
+    config_class = DiTConfig
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -761,142 +479,24 @@ class DiT(nn.Module):
                 h = block(h, c, rope, kv, ctx)  # (N, D)
         return self.final_layer(h, c, ctx.seg_ids)  # (N, out_dim)
 
-    # ---- persistence -------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (created if needed)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(
-            json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
-        )
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(
-            state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "model": "tessera-dit"}
-        )
-        return directory
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, map_location: str | torch.device = "cpu", **overrides: Any
-    ) -> DiT:
-        """Load a model saved by :meth:`save_pretrained`; ``overrides`` replace config keys
-        that do not change weights (e.g. ``attention_backend``)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config = DiTConfig.from_dict(
-            {**json.loads((directory / CONFIG_NAME).read_text()), **overrides}
-        )
-        model = cls(config)
-        model.load_state_dict(
-            load_file(str(directory / WEIGHTS_NAME), device=str(map_location)), strict=True
-        )
-        return model.to(map_location)
-
-
-# --------------------------------------------------------------------------------------------
-# size registry, parameter and FLOP counts
-# --------------------------------------------------------------------------------------------
-
-
-def _size(hidden_size: int, depth: int, num_heads: int) -> Callable[..., DiTConfig]:
-    def factory(**overrides: Any) -> DiTConfig:
-        return DiTConfig.from_dict(
-            {"hidden_size": hidden_size, "depth": depth, "num_heads": num_heads, **overrides}
-        )
-
-    return factory
-
+# --------------------------------------------------------------------------- size registry
 
 # Widths/depths follow DiT-S/B/L/XL (head dim 64, 72 for xl); xs is the CPU demo size and
 # tiny the unit-test size (seconds per hundred steps on one CPU core).
-DIT_SIZES: dict[str, Callable[..., DiTConfig]] = {
-    "tessera-tiny": _size(32, 2, 2),
-    "tessera-xs": _size(256, 6, 4),
-    "tessera-s": _size(384, 12, 6),
-    "tessera-m": _size(768, 12, 12),
-    "tessera-l": _size(1024, 24, 16),
-    "tessera-xl": _size(1152, 28, 16),
-}
+DIT_SIZES: SizeRegistry[DiTConfig] = SizeRegistry(
+    "DiT",
+    {
+        "tessera-tiny": DiTConfig(hidden_size=32, depth=2, num_heads=2),
+        "tessera-xs": DiTConfig(hidden_size=256, depth=6, num_heads=4),
+        "tessera-s": DiTConfig(hidden_size=384, depth=12, num_heads=6),
+        "tessera-m": DiTConfig(hidden_size=768, depth=12, num_heads=12),
+        "tessera-l": DiTConfig(hidden_size=1024, depth=24, num_heads=16),
+        "tessera-xl": DiTConfig(hidden_size=1152, depth=28, num_heads=16),
+    },
+)
 
 
 def dit_config(name: str, **overrides: Any) -> DiTConfig:
     """Config of a named size, e.g. ``dit_config("tessera-s", in_channels=8, text_dim=384)``."""
-    if name not in DIT_SIZES:
-        raise KeyError(f"unknown DiT size {name!r}; choose one of {sorted(DIT_SIZES)}")
-    return DIT_SIZES[name](**overrides)
-
-
-def count_params(config: DiTConfig) -> int:
-    """Exact parameter count of ``DiT(config)`` without building it."""
-    d, m, hd = config.hidden_size, config.mlp_hidden, config.head_dim
-    qk = 2 * hd if config.qk_norm else 0
-    block = (
-        (3 * d * d + 3 * d)
-        + qk
-        + (d * d + d)  # self-attention: qkv, norms, proj
-        + 2 * d  # norm2 (affine)
-        + (d * d + d)
-        + (2 * d * d + 2 * d)
-        + qk
-        + (d * d + d)  # cross-attention: q, kv, norms, proj
-        + (d * m + m)
-        + (m * d + d)  # MLP
-        + (6 * d * d + 6 * d)  # adaLN modulation
-    )
-    embed = (
-        (config.in_dim * d + d)  # patch tokens
-        + (config.frequency_embedding_size * d + d)
-        + (d * d + d)  # timestep MLP
-        + (config.text_dim * d + d)
-        + (d * d + d)  # text projection
-        + ((config.text_dim * d + d) + (d * d + d) if config.pooled_text else 0)  # pooled text
-    )
-    final = (2 * d * d + 2 * d) + (d * config.out_dim + config.out_dim)
-    return config.depth * block + embed + final
-
-
-def forward_flops(
-    config: DiTConfig, seqlens: Sequence[int], text_len: int | Sequence[int] = 0
-) -> int:
-    """Matmul + attention FLOPs (2 per multiply-add) of one forward over clips of ``seqlens`` tokens.
-
-    ``text_len`` is the number of real text tokens per clip (one int for all, or one per clip).
-    Elementwise ops, norms and softmax are ignored (a few percent at these widths).
-    """
-    d, m = config.hidden_size, config.mlp_hidden
-    text_lens = [text_len] * len(seqlens) if isinstance(text_len, int) else list(text_len)
-    if len(text_lens) != len(seqlens):
-        raise ValueError(f"text_len has {len(text_lens)} entries for {len(seqlens)} clips")
-    per_token_layer = 2 * (
-        3 * d * d + d * d + d * d + d * d + 2 * d * m
-    )  # qkv, proj, cross q, cross proj, MLP
-    total = 0
-    for n, lt in zip(seqlens, text_lens, strict=True):
-        layer = n * per_token_layer
-        layer += 4 * n * n * d  # self-attention QK^T and AV
-        layer += 4 * n * lt * d  # cross-attention QK^T and AV
-        layer += 2 * lt * 2 * d * d  # text K/V projections
-        layer += 2 * 6 * d * d  # adaLN modulation (once per clip)
-        total += config.depth * layer
-        total += 2 * n * (config.in_dim * d + d * config.out_dim)  # patch embed + final linear
-        total += 2 * lt * (config.text_dim * d + d * d)  # text projection
-        if config.pooled_text:
-            total += 2 * (config.text_dim * d + d * d)  # pooled text (once per clip)
-    return total
-
-
-def flops_per_token(config: DiTConfig, seq_len: int, text_len: int = 0) -> float:
-    """Forward FLOPs per token for a clip of ``seq_len`` tokens (grows with seq_len through attention)."""
-    return forward_flops(config, [seq_len], text_len) / seq_len
-
-
-def train_flops(
-    config: DiTConfig, seqlens: Sequence[int], text_len: int | Sequence[int] = 0
-) -> int:
-    """Training FLOPs of one step over clips of ``seqlens`` tokens: forward + backward = 3x forward
-    (gradient checkpointing adds another forward of the blocks, not counted here)."""
-    return 3 * forward_flops(config, seqlens, text_len)
+    return DIT_SIZES.config(name, **overrides)

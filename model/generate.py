@@ -25,29 +25,25 @@ token is real; :meth:`VideoGenerator.edit` takes any size (replicate-pad, crop b
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from model.diffusion import SAMPLERS, FlowConfig, FlowMatching, interpolate, pack_for_sampling
+from model.config import CONFIG_NAME, WEIGHTS_NAME
+from model.diffusion import SAMPLERS, FlowConfig, FlowMatching
 from model.dit import DiT
-from model.patches import patchify, plan_packs, unpatchify
+from model.patches import clip_tokens, pack_grids, patchify, plan_packs, unpatchify
 from model.vae import CausalVAE
 
-FLOW_CONFIG_NAME = "flow.json"
-VAE_FILES = ("config.json", "model.safetensors")
-DIT_FILES = ("config.json", "model.safetensors")
+FLOW_CONFIG_NAME = "flow.json"  # the FlowConfig a DiT was trained with, next to its weights
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 
 # Named aspect ratios (width : height). "image" is a square still: one frame.
 ASPECTS: dict[str, tuple[int, int]] = {
@@ -69,9 +65,7 @@ class TextEncoderLike(Protocol):
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]: ...
 
 
-# --------------------------------------------------------------------------------------------
-# sizes
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- sizes
 
 
 def parse_aspect(aspect: str) -> tuple[int, int]:
@@ -121,35 +115,15 @@ def video_size(
     return frames, height, width
 
 
-# --------------------------------------------------------------------------------------------
-# flow config persistence (dit_dir/flow.json)
-# --------------------------------------------------------------------------------------------
-
-
-def save_flow_config(config: FlowConfig, directory: str | Path) -> Path:
-    """Write ``flow.json`` (the FlowConfig the DiT was trained with) next to its weights."""
-    path = Path(directory) / FLOW_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def load_flow_config(path: str | Path) -> FlowConfig:
-    """Read ``flow.json``; unknown keys raise."""
-    data = json.loads(Path(path).read_text())
-    known = {f.name for f in dataclasses.fields(FlowConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown FlowConfig keys {unknown}; allowed: {sorted(known)}")
-    return FlowConfig(**data)
+# --------------------------------------------------------------------------- model files
 
 
 def check_pretrained(vae_dir: str | Path, dit_dir: str | Path) -> None:
     """Raise FileNotFoundError naming the first missing model file and the step that writes it."""
     _require_files(
-        Path(vae_dir), VAE_FILES, "VAE", "the train_vae step (CausalVAE.save_pretrained)"
+        Path(vae_dir), MODEL_FILES, "VAE", "the train_vae step (CausalVAE.save_pretrained)"
     )
-    _require_files(Path(dit_dir), DIT_FILES, "DiT", "the train_dit step (DiT.save_pretrained)")
+    _require_files(Path(dit_dir), MODEL_FILES, "DiT", "the train_dit step (DiT.save_pretrained)")
     _require_files(
         Path(dit_dir),
         (FLOW_CONFIG_NAME,),
@@ -171,9 +145,7 @@ def _require_files(directory: Path, names: Sequence[str], what: str, producer: s
             )
 
 
-# --------------------------------------------------------------------------------------------
-# the generator
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- the generator
 
 
 @dataclass(frozen=True)
@@ -256,15 +228,15 @@ class VideoGenerator:
         check_pretrained(vae_dir, dit_dir)
         device = torch.device(device)
         vae = CausalVAE.from_pretrained(vae_dir, device=device)
-        dit_config = json.loads((dit_dir / DIT_FILES[0]).read_text())
+        dit_config = json.loads((dit_dir / CONFIG_NAME).read_text())
         overrides = {}
         if dit_config.get("attention_backend") == "flex" and device.type != "cuda":
             overrides["attention_backend"] = "sdpa_segments"  # flex is CUDA-only
-        dit = DiT.from_pretrained(dit_dir, map_location=device, **overrides)
-        flow = FlowMatching(load_flow_config(dit_dir / FLOW_CONFIG_NAME))
+        dit = DiT.from_pretrained(dit_dir, device=device, **overrides)
+        flow = FlowMatching(FlowConfig.from_json(dit_dir / FLOW_CONFIG_NAME))
         return cls(vae, dit, text_encoder, flow, device=device, **kwargs)
 
-    # ---- sizes -----------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- sizes
 
     @property
     def size_multiples(self) -> tuple[int, int]:
@@ -325,7 +297,7 @@ class VideoGenerator:
         t, h, w = self.vae.latent_size(frames, height, width)
         return self.vae.config.latent_channels, t, h, w
 
-    # ---- text and noise --------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- text and noise
 
     def _encode_text(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         states, mask = self.text_encoder.encode(list(prompts))  # (B, L, Dt), (B, L)
@@ -344,11 +316,13 @@ class VideoGenerator:
 
     def noise(self, seed: int, frames: int, height: int, width: int) -> Tensor:
         """The initial latent noise (C, t, h, w) of a clip: seeded on the CPU, then moved."""
-        generator = torch.Generator().manual_seed(int(seed))
-        shape = self.latent_shape(frames, height, width)
-        return torch.randn(shape, generator=generator).to(self.device)
+        return self._seeded_noise(seed, self.latent_shape(frames, height, width))
 
-    # ---- sampling core ---------------------------------------------------------------------------
+    def _seeded_noise(self, seed: int, shape: Sequence[int]) -> Tensor:
+        generator = torch.Generator().manual_seed(int(seed))
+        return torch.randn(tuple(shape), generator=generator).to(self.device)
+
+    # --------------------------------------------------------------------------- sampling core
 
     def _decode(self, latents: Sequence[Tensor]) -> list[Tensor]:
         """Normalised latents (C, t, h, w) -> videos (3, T, H, W) in [-1, 1].
@@ -375,7 +349,7 @@ class VideoGenerator:
         ]
         pieces = [patchify(z.to(self.device, dtype), patch) for z in noises]  # (L_i, D) each
         grids = [tuple(n // p for n, p in zip(z.shape[1:], patch, strict=True)) for z in noises]
-        coords, cu_seqlens = pack_for_sampling(grids, device=self.device)
+        coords, cu_seqlens = pack_grids(grids, device=self.device)
         text, text_mask = self._encode_text([c.prompt for c in clips])  # (B, L, Dt), (B, L)
         null, null_mask = self._null_text([c.negative for c in clips])
         tokens = self.flow.sample(
@@ -414,10 +388,9 @@ class VideoGenerator:
             if not isinstance(c.prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(c.prompt).__name__}")
             self.check_size(c.frames, c.height, c.width)
+        patch = self.dit.config.patch_size
         lengths = [
-            math.prod(self.latent_shape(c.frames, c.height, c.width)[1:])
-            // math.prod(self.dit.config.patch_size)
-            for c in clips
+            clip_tokens(self.latent_shape(c.frames, c.height, c.width), patch) for c in clips
         ]
         budget = max(token_budget or sum(lengths), max(lengths))  # a big clip gets its own pack
         latents: list[Tensor | None] = [None] * len(clips)
@@ -430,7 +403,7 @@ class VideoGenerator:
                 latents[i] = z
         return self._decode(latents)  # type: ignore[arg-type]
 
-    # ---- public API ------------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- public API
 
     def generate(
         self,
@@ -596,7 +569,7 @@ class VideoGenerator:
         if self.max_frames is not None and frames > self.max_frames:
             raise ValueError(
                 f"the video has {frames} frames, above max_frames={self.max_frames};"
-                " cut it (load_video(path, max_frames=...))"
+                " keep its first frames"
             )
         if self.max_pixels is not None and height * width > self.max_pixels:
             raise ValueError(
@@ -604,55 +577,49 @@ class VideoGenerator:
                 f"{self.max_pixels}; downscale it first"
             )
         latent, size = self._encode_any(video)  # (B, C, t, h, w) normalised
-        remaining = round(strength * steps)
-        if remaining > 0:
-            latent = self._sdedit(
-                latent, prompt, negative, remaining, steps, guidance, sampler, seed
-            )
+        latent = self._sdedit(latent, prompt, negative, strength, steps, guidance, sampler, seed)
         out = self._decode_any(latent, size)
         return out if batched else out[0]
 
-    # ---- edit helpers ----------------------------------------------------------------------------
+    # --------------------------------------------------------------------------- edit helpers
 
     def _sdedit(
         self,
         latent: Tensor,
         prompt: str,
         negative: str | None,
-        remaining: int,
+        strength: float,
         steps: int,
         guidance: float,
         sampler: str,
         seed: int,
     ) -> Tensor:
-        """Noise normalised latents (B, C, t, h, w) to the strength's time and denoise."""
+        """Normalised latents (B, C, t, h, w) edited by :meth:`FlowMatching.sdedit`; clip ``i``
+        is noised with :meth:`noise` of seed ``seed + i`` (what :meth:`generate` starts from)."""
         patch = self.dit.config.patch_size
         dtype = next(self.dit.parameters()).dtype
         batch, _, t, h, w = latent.shape
         grids = [(t // patch[0], h // patch[1], w // patch[2])] * batch
-        coords, cu_seqlens = pack_for_sampling(grids, device=self.device)
+        coords, cu_seqlens = pack_grids(grids, device=self.device)
         x0 = torch.cat([patchify(z.to(dtype), patch)[0] for z in latent])  # (N, D)
         noise = torch.cat(
             [
-                patchify(self._noise_like(seed + i, z).to(dtype), patch)[0]
+                patchify(self._seeded_noise(seed + i, z.shape).to(dtype), patch)[0]
                 for i, z in enumerate(latent)
             ]
         )  # (N, D)
-        grid = self.flow.timestep_grid(steps, torch.diff(cu_seqlens))[steps - remaining :]
-        seg_ids = torch.repeat_interleave(
-            torch.arange(batch, device=self.device), torch.diff(cu_seqlens)
-        )  # (N,)
-        x = interpolate(x0, noise, grid[0][seg_ids][:, None].to(dtype))  # (N, D)
         text, text_mask = self._encode_text([prompt] * batch)
         null, null_mask = self._null_text([negative] * batch)
-        tokens = self.flow.integrate(
+        tokens = self.flow.sdedit(
             self.dit,
-            x,
+            x0,
             coords,
             cu_seqlens,
-            grid,
             text,
             text_mask,
+            strength=strength,
+            steps=steps,
+            noise=noise,
             guidance=guidance,
             method=sampler,
             null_text=null,
@@ -660,10 +627,6 @@ class VideoGenerator:
         )  # (N, D)
         segments = tokens.split(torch.diff(cu_seqlens).tolist())
         return torch.stack([unpatchify(s, g, patch) for s, g in zip(segments, grids, strict=True)])
-
-    def _noise_like(self, seed: int, latent: Tensor) -> Tensor:
-        generator = torch.Generator().manual_seed(int(seed))
-        return torch.randn(latent.shape, generator=generator).to(self.device)
 
     def _as_batch(self, video: Tensor) -> tuple[bool, Tensor]:
         if video.ndim not in (4, 5) or video.shape[-4] != 3:
@@ -674,7 +637,7 @@ class VideoGenerator:
         if low < -1.01 or high > 1.01:
             raise ValueError(
                 f"video values must be in [-1, 1], got [{low:.3g}, {high:.3g}]; "
-                "map uint8 frames with x / 127.5 - 1 (load_video does)"
+                "map uint8 frames with x / 127.5 - 1"
             )
         batched = video.ndim == 5
         return batched, (video if batched else video[None]).to(self.device)
@@ -743,103 +706,3 @@ def pooled_noise(noise: Tensor, size: tuple[int, int, int]) -> Tensor:
         * _cell_sizes(noise.shape[3], size[2])[None, None, :]
     )  # (t', h', w')
     return (pooled * cells.to(pooled.device).sqrt()).to(noise.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# video files
-# --------------------------------------------------------------------------------------------
-
-
-def video_codec() -> str:
-    """``libx264`` when this FFmpeg build has the encoder, else ``mpeg4`` (always built in)."""
-    import av
-
-    try:
-        av.Codec("libx264", "w")
-        return "libx264"
-    except Exception:  # UnknownCodecError (a ValueError) or FFmpegError, by PyAV version
-        return "mpeg4"
-
-
-def to_uint8_frames(video: Tensor) -> np.ndarray:
-    """(3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
-    pixels = ((video.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return rearrange(pixels, "c t h w -> t h w c").cpu().numpy()
-
-
-def save_video(video: Tensor, path: Path, fps: int = 12) -> Path:
-    """Write a clip (3, T, H, W) in [-1, 1]: mp4 when T > 1, PNG when T == 1.
-
-    The suffix of ``path`` is set to ``.mp4`` / ``.png`` accordingly; the returned path is the
-    file written. Videos are H.264 (libx264, crf 18) yuv420p where this FFmpeg has it, else
-    MPEG-4 Part 2; yuv420p needs even sides, so an odd height or width is padded by repeating
-    the last row / column (the file is then one pixel larger).
-    """
-    import av
-
-    if video.ndim != 4 or video.shape[0] != 3:
-        raise ValueError(f"save_video takes (3, T, H, W), got {tuple(video.shape)}")
-    frames = to_uint8_frames(video)  # (T, H, W, 3)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    num_frames, height, width, _ = frames.shape
-    if num_frames == 1:
-        path = path.with_suffix(".png")
-        ctx = av.CodecContext.create("png", "w")
-        ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = width, height, "rgb24", Fraction(1, 1)
-        image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[0]), format="rgb24")
-        image.pts = 0
-        path.write_bytes(b"".join(bytes(p) for p in ctx.encode(image) + ctx.encode(None)))
-        return path
-    path = path.with_suffix(".mp4")
-    frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-    codec = video_codec()
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=int(fps))
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        if codec == "libx264":
-            # mbtree=0 keeps x264's output reproducible run to run; one thread on shared CPUs
-            stream.options = {
-                "crf": "18",
-                "preset": "fast",
-                "threads": "1",
-                "x264-params": "mbtree=0",
-            }
-        else:
-            stream.codec_context.qscale = 3
-            stream.codec_context.thread_count = 1
-        for i, frame in enumerate(frames):
-            av_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            av_frame.pts = i
-            container.mux(stream.encode(av_frame))
-        container.mux(stream.encode(None))
-    return path
-
-
-def load_video(path: Path, max_frames: int | None = None) -> Tensor:
-    """Decode a video or image file with PyAV -> (3, T, H, W) float32 in [-1, 1].
-
-    ``max_frames`` keeps only the first frames. Images (PNG, JPEG) come back with T = 1.
-    """
-    import av
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
-    frames = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"{path} has no video stream")
-            for frame in container.decode(container.streams.video[0]):
-                frames.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except av.FFmpegError as exc:
-        raise ValueError(f"{path} is not a readable video or image: {exc}") from exc
-    if not frames:
-        raise ValueError(f"{path} has no decodable frames")
-    pixels = torch.from_numpy(np.stack(frames))  # (T, H, W, 3)
-    return rearrange(pixels, "t h w c -> c t h w").float() / 127.5 - 1.0

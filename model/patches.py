@@ -31,9 +31,7 @@ Grid = tuple[int, int, int]
 DEFAULT_PATCH_SIZE: PatchSize = (1, 2, 2)
 
 
-# --------------------------------------------------------------------------------------------
-# patchify / unpatchify
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- patchify / unpatchify
 
 
 def _check_patch_size(patch_size: Sequence[int]) -> PatchSize:
@@ -127,9 +125,7 @@ def pad_to_patch(
     return F.pad(latent, pads), (t, h, w)
 
 
-# --------------------------------------------------------------------------------------------
-# patch n' pack
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- patch n' pack
 
 
 @dataclass
@@ -223,6 +219,56 @@ def plan_packs(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return packs
 
 
+def cu_seqlens_from(
+    lengths: Sequence[int] | Tensor, device: torch.device | str | None = None
+) -> Tensor:
+    """(B + 1,) int64 token offsets of B packed clips of ``lengths`` tokens: clip b holds tokens
+    ``cu_seqlens[b]:cu_seqlens[b + 1]``."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    return F.pad(torch.cumsum(lengths, 0), (1, 0))
+
+
+def segment_ids(cu_seqlens: Tensor) -> Tensor:
+    """(N,) int64 index of the clip each packed token belongs to."""
+    clips = torch.arange(cu_seqlens.shape[0] - 1, device=cu_seqlens.device)
+    return torch.repeat_interleave(clips, torch.diff(cu_seqlens))
+
+
+def kept_tokens(num_tokens: int, drop_rate: float) -> int:
+    """Tokens left after NaViT dropping: ``max(1, round((1 - drop_rate) * num_tokens))``."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    return max(1, round((1.0 - drop_rate) * num_tokens))
+
+
+def clip_tokens(
+    latent_shape: Sequence[int],
+    patch_size: Sequence[int] = DEFAULT_PATCH_SIZE,
+    drop_rate: float = 0.0,
+) -> int:
+    """Tokens a latent clip (c, t, h, w) contributes to a pack: its patch grid, minus dropped ones."""
+    return kept_tokens(math.prod(grid_shape(latent_shape, patch_size)), drop_rate)
+
+
+def pack_grids(
+    grids: Sequence[Sequence[int]], device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """coords (N, 3) and cu_seqlens (B + 1,) of clips with the given patch grids, e.g. to sample."""
+    coords = torch.cat([patch_coords(g, device=device) for g in grids])  # (N, 3)
+    return coords, cu_seqlens_from([math.prod(g) for g in grids], device)
+
+
+def pad_text(rows: Sequence[Tensor], masks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Text rows (L_b, D) with masks (L_b,) -> (B, L, D) zero-padded and (B, L) bool, L = max L_b:
+    the text rows that go with a packed batch's clips, one per segment."""
+    length = max(int(row.shape[0]) for row in rows)
+    text = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0].device)
+    for b, (row, valid) in enumerate(zip(rows, masks, strict=True)):
+        text[b, : row.shape[0]], mask[b, : row.shape[0]] = row, valid
+    return text, mask
+
+
 def _collate(
     pieces: Sequence[tuple[Tensor, Tensor]],
     grids: Sequence[Grid],
@@ -231,21 +277,16 @@ def _collate(
 ) -> PackedBatch:
     tokens = torch.cat([p[0] for p in pieces])  # (N, D)
     coords = torch.cat([p[1] for p in pieces])  # (N, 3)
-    lengths = torch.tensor([p[0].shape[0] for p in pieces], dtype=torch.int64, device=tokens.device)
-    cu_seqlens = F.pad(torch.cumsum(lengths, 0), (1, 0))  # (B + 1,)
-    seg_ids = torch.repeat_interleave(
-        torch.arange(len(pieces), device=tokens.device), lengths
-    )  # (N,)
+    cu_seqlens = cu_seqlens_from([p[0].shape[0] for p in pieces], tokens.device)  # (B + 1,)
+    seg_ids = segment_ids(cu_seqlens)  # (N,)
     return PackedBatch(tokens, coords, seg_ids, cu_seqlens, list(grids), list(indices), keep)
 
 
 def drop_tokens(
     num_tokens: int, drop_rate: float, generator: torch.Generator | None = None
 ) -> Tensor:
-    """NaViT token dropping: bool keep mask (num_tokens,) keeping ``max(1, round((1-rate)*n))`` tokens."""
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
-    n_keep = max(1, round((1.0 - drop_rate) * num_tokens))
+    """NaViT token dropping: bool keep mask (num_tokens,) of :func:`kept_tokens` tokens."""
+    n_keep = kept_tokens(num_tokens, drop_rate)
     order = torch.randperm(num_tokens, generator=generator)
     keep = torch.zeros(num_tokens, dtype=torch.bool)
     keep[order[:n_keep]] = True

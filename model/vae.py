@@ -31,20 +31,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, reduce, repeat
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from model.config import ModelConfig, Pretrained, SizeRegistry
 
 # State carried between temporal chunks: per layer, the last input frames it needs next time.
 CausalCache = dict[nn.Module, torch.Tensor]
@@ -58,7 +54,7 @@ def _is_power_of_two(n: int) -> bool:
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(ModelConfig):
     """Every hyperparameter of :class:`CausalVAE`; saved as ``config.json`` next to the weights."""
 
     in_channels: int = 3
@@ -76,7 +72,7 @@ class VAEConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channel_multipliers", tuple(self.channel_multipliers))
+        super().__post_init__()
         for name in (
             "in_channels",
             "base_channels",
@@ -129,18 +125,6 @@ class VAEConfig:
     def is_temporal_transition(self, level: int) -> bool:
         """Whether going from ``level`` to ``level + 1`` also halves time (the deepest ones do)."""
         return level >= self.spatial_levels - self.temporal_levels
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> VAEConfig:
-        """Build from a plain dict (e.g. ``config.json``); unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VAEConfig keys {unknown}; allowed keys are {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -435,8 +419,10 @@ def _tiled(
 # --------------------------------------------------------------------------- model
 
 
-class CausalVAE(nn.Module):
+class CausalVAE(Pretrained, nn.Module):
     """Causal 3D VAE: video (B, C, T, H, W) in [-1, 1] <-> latent (B, Z, 1 + (T-1)/tf, H/s, W/s)."""
+
+    config_class = VAEConfig
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -567,33 +553,6 @@ class CausalVAE(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return count_parameters(self, trainable_only)
 
-    # ----------------------------------------------------------------------- io
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
-
-    @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device = "cpu"
-    ) -> CausalVAE:
-        """Load what ``save_pretrained`` wrote; unknown config keys or mismatched weights raise."""
-        directory = Path(directory)
-        config = VAEConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        model = cls(config)
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"weights in {directory} do not match {config}: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        return model.to(device)
-
 
 # --------------------------------------------------------------------------- latent statistics
 
@@ -626,27 +585,28 @@ def compute_latent_stats(vae: CausalVAE, batches: Iterable[torch.Tensor]) -> tup
 
 # --------------------------------------------------------------------------- registry
 
-VAE_SIZES: dict[str, VAEConfig] = {
-    # Test size: seconds per step on one CPU core; for pipeline tests, not for quality.
-    "vae-tiny": VAEConfig(
-        base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
-    ),
-    # CPU demo size; trains in minutes on small clips.
-    "vae-xs": VAEConfig(
-        base_channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, latent_channels=4
-    ),
-    "vae-s": VAEConfig(
-        base_channels=64, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=8
-    ),
-    # About the size of WAN 2.1's VAE (96 base channels, 16 latent channels).
-    "vae-m": VAEConfig(
-        base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=16
-    ),
-}
+VAE_SIZES: SizeRegistry[VAEConfig] = SizeRegistry(
+    "VAE",
+    {
+        # Test size: seconds per step on one CPU core; for pipeline tests, not for quality.
+        "vae-tiny": VAEConfig(
+            base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
+        ),
+        # CPU demo size; trains in minutes on small clips.
+        "vae-xs": VAEConfig(
+            base_channels=16, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, latent_channels=4
+        ),
+        "vae-s": VAEConfig(
+            base_channels=64, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=8
+        ),
+        # About the size of WAN 2.1's VAE (96 base channels, 16 latent channels).
+        "vae-m": VAEConfig(
+            base_channels=96, channel_multipliers=(1, 2, 4, 4), num_res_blocks=2, latent_channels=16
+        ),
+    },
+)
 
 
 def build_vae(name: str, **overrides) -> CausalVAE:
     """A fresh CausalVAE of a named size; ``overrides`` replace config fields, e.g. z channels."""
-    if name not in VAE_SIZES:
-        raise ValueError(f"unknown VAE size {name!r}; choose one of {sorted(VAE_SIZES)}")
-    return CausalVAE(dataclasses.replace(VAE_SIZES[name], **overrides))
+    return CausalVAE(VAE_SIZES.config(name, **overrides))

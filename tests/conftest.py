@@ -47,7 +47,7 @@ def s3_env(s3_server, monkeypatch):
     """Point boto3 at the loopback S3 server with throwaway credentials; yields a fresh bucket."""
     import uuid
 
-    from components import storage
+    from components.core import storage
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
@@ -63,9 +63,41 @@ def s3_env(s3_server, monkeypatch):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite + local artifacts) on a free loopback port."""
-    from components.tracking import MlflowServer
+    from components.core.tracking import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-home"), port=free_port())
     server.start(timeout_s=180)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A model directory of the tiny generator's models (vae/ + dit/ + flow.json)."""
+    from tests.testing_utils.models import save_tiny_model
+
+    root = tmp_path_factory.mktemp("model")
+    save_tiny_model(root)
+    return str(root)
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir, monkeypatch) -> str:
+    """:func:`tiny_model_dir` with the text encoder its DiT was "trained" with (TinyText)
+    standing in for the configured one."""
+    from components.core import artifacts
+    from tests.testing_utils.models import TinyText
+
+    monkeypatch.setattr(artifacts, "load_text_encoder", lambda cfg: TinyText())
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="class")
+def tiny_model_class(tiny_model_dir) -> str:
+    """:func:`tiny_model` for a whole test class (a step tester's class-scoped step run)."""
+    from components.core import artifacts
+    from tests.testing_utils.models import TinyText
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(artifacts, "load_text_encoder", lambda cfg: TinyText())
+        yield tiny_model_dir

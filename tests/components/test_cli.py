@@ -26,6 +26,7 @@ COMMANDS = [
     ["bench"],
     ["generate"],
     ["edit"],
+    ["prompt-eval"],
     ["train-vae"],
     ["encode"],
     ["train-dit"],
@@ -62,3 +63,14 @@ def test_bench_writes_results(tessera_home):
     assert record["value"] > 0 and record["peer"] == "numpy.matmul" and record["ratio"] > 0
     assert record["machine"]["cores"] >= 1
     assert by_name["calibration.matmul_bf16"]["peer"] == "torch.matmul fp32"
+
+
+def test_a_step_command_runs_the_step_and_prints_its_outputs(tessera_home):
+    args = ["demo-data", "-p", "tiny", "--no-track", "--run-id", "cli-1"]
+    result = runner.invoke(app, [*args, "--set", "demo_data.include_real_clips=false"])
+    assert result.exit_code == 0, result.output
+    outputs = json.loads(result.output)
+    assert outputs["step_uri"] == str(tessera_home / "store" / "runs" / "cli-1" / "demo_data")
+    assert outputs["num_videos"] == 6 and outputs["mlflow_run_id"] is None
+    again = runner.invoke(app, args)  # the same run id: the committed step, whatever the config
+    assert json.loads(again.output) == outputs

@@ -1,4 +1,6 @@
-"""DAG integrity: the DagBag loads without errors, the DAG reads back as written, parsing is cheap."""
+"""DAG integrity: the DagBag loads without errors, the DAG reads back as written (one name per
+step, a timeout on every task, DVC in a one-slot pool, a teardown that always closes the run),
+and parsing imports none of the ML stack."""
 
 from __future__ import annotations
 
@@ -9,28 +11,36 @@ import sys
 
 import pytest
 
-from components.airflow_local import DAGS_FOLDER, REPO
+from components.orchestration.airflow_local import DAGS_FOLDER, POOLS, REPO
 
 PROBE = """
-import json, sys, time
-t0 = time.perf_counter()
+import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 dag = bag.dags.get("tessera_pipeline")
-heavy = sorted(m for m in ("torch", "mlflow", "pandas", "great_expectations", "dvc", "av")
-               if m in sys.modules)
+heavy = sorted(m for m in ("torch", "mlflow", "pandas", "great_expectations", "dvc", "av",
+                           "components") if m in sys.modules)
+tasks = dag.tasks if dag else []
 print(json.dumps({
     "errors": {k: str(v) for k, v in bag.import_errors.items()},
     "dags": sorted(bag.dags),
     "tasks": sorted(dag.task_dict) if dag else [],
-    "edges": sorted([t.task_id, d] for t in dag.tasks for d in t.downstream_task_ids) if dag else [],
-    "retries": {t.task_id: t.retries for t in dag.tasks} if dag else {},
-    "mapped": sorted(t.task_id for t in dag.tasks if "Mapped" in type(t).__name__),
-    "doc_md": bool(dag and dag.doc_md),
+    "edges": sorted([t.task_id, d] for t in tasks for d in t.downstream_task_ids),
+    "retries": {t.task_id: t.retries for t in tasks},
+    "timeouts": {t.task_id: t.execution_timeout and t.execution_timeout.total_seconds()
+                 for t in tasks},
+    "pools": {t.task_id: t.pool for t in tasks},
+    "trigger_rules": {t.task_id: getattr(t.trigger_rule, "value", t.trigger_rule) for t in tasks},
+    "teardowns": sorted(t.task_id for t in tasks if t.is_teardown),
+    "mapped": sorted(t.task_id for t in tasks if "Mapped" in type(t).__name__),
+    "doc_md": dag.doc_md if dag else "",
     "params": sorted(dag.params) if dag else [],
+    "max_active_runs": dag.max_active_runs if dag else None,
     "heavy": heavy,
 }))
 """
+STEPS = ["demo_data", "ingest", "validate", "version", "train_vae", "encode", "train_dit"]
+STEPS += ["generate", "prompt_eval"]
 
 
 @pytest.fixture(scope="module")
@@ -59,54 +69,49 @@ def test_no_import_errors(dagbag):
     assert "tessera_pipeline" in dagbag["dags"]
 
 
+def test_a_task_is_named_after_its_step(dagbag):
+    assert dagbag["tasks"] == sorted(["start", *STEPS, "encode_plan", "encode_shard", "finish"])
+    from components.orchestration.tasks import spec
+
+    for name in STEPS:
+        assert spec(name).name == name  # the step module the task runs has that name
+
+
 def test_pipeline_shape(dagbag):
-    assert dagbag["tasks"] == sorted(
-        [
-            "start",
-            "corpus",
-            "ingest",
-            "validate",
-            "version",
-            "train_vae",
-            "plan_encode",
-            "encode_shard",
-            "merge_latents",
-            "train_dit",
-            "samples",
-            "prompt_eval",
-            "finish",
-        ]
-    )
     edges = {tuple(e) for e in dagbag["edges"]}
-    chain = [
-        "start",
-        "corpus",
-        "ingest",
-        "validate",
-        "version",
-        "train_vae",
-        "encode_shard",
-        "merge_latents",
-        "train_dit",
-        "samples",
-        "finish",
-    ]
+    chain = ["start", "demo_data", "ingest", "validate", "version", "train_vae", "encode_shard"]
+    chain += ["encode", "train_dit", "generate", "finish"]
     for edge in itertools.pairwise(chain):
         assert edge in edges, edge
-    assert ("plan_encode", "encode_shard") in edges
-    assert {
-        ("train_dit", "prompt_eval"),
-        ("corpus", "prompt_eval"),
-        ("prompt_eval", "finish"),
-    } <= edges
+    assert {("version", "encode_plan"), ("encode_plan", "encode_shard")} <= edges
+    assert {("train_dit", "prompt_eval"), ("demo_data", "prompt_eval")} <= edges
     assert dagbag["mapped"] == ["encode_shard"]
+    # every task reports to finish, directly or through its descendants
+    assert {t for t, d in edges if d == "finish"} >= {"prompt_eval", "generate", "demo_data"}
 
 
-def test_default_args_are_applied(dagbag):
-    # A misspelled default_args key would silently leave retries at 0.
-    assert dagbag["retries"]["ingest"] == 2
+def test_finish_always_runs_and_closes_the_run(dagbag):
+    assert dagbag["teardowns"] == ["finish"]
     assert dagbag["retries"]["finish"] == 0
-    assert dagbag["doc_md"]
+    assert dagbag["trigger_rules"]["ingest"] == "none_failed"  # runs when demo_data skipped
+
+
+def test_every_task_has_a_timeout_and_retries_on_purpose(dagbag):
+    assert all(dagbag["timeouts"].values()), dagbag["timeouts"]
+    assert dagbag["timeouts"]["train_dit"] >= 24 * 3600 > dagbag["timeouts"]["validate"]
+    # a misspelled default_args key would silently leave retries at 0
+    assert all(dagbag["retries"][t] == 2 for t in STEPS)
+
+
+def test_dvc_runs_in_a_one_slot_pool(dagbag):
+    assert dagbag["pools"]["version"] == "tessera_dvc" and POOLS["tessera_dvc"][0] == 1
+    assert {p for t, p in dagbag["pools"].items() if t != "version"} == {"default_pool"}
+    assert dagbag["max_active_runs"] > 1  # runs overlap; only DVC is serialised
+
+
+def test_the_doc_describes_every_task(dagbag):
+    for task in dagbag["tasks"]:
+        assert f"`{task}`" in dagbag["doc_md"], task
     assert {"profile", "overrides", "source", "captions", "track"} <= set(dagbag["params"])
 
 

@@ -4,15 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from components.config import load_config
-from components.demo_data import (
+from components.core.config import load_config
+from components.core.demo_corpus import (
     BACKGROUND_PALETTE,
     MIN_CONTRAST,
     PALETTE,
     background_range,
-    plan_corpus,
-    render_frames,
 )
+from components.steps.demo_data import plan_corpus, render_frames
 from evaluation import prompt_following as pf
 
 

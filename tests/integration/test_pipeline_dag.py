@@ -1,54 +1,108 @@
-"""The whole pipeline DAG through a real Airflow `dag.test()` on the tiny profile, tracked by a
-real MLflow server: demo corpus → ingest → validate → version → train_vae → encode → train_dit →
-samples and prompt_eval."""
+"""The whole pipeline DAG through a real Airflow ``dag.test()`` on the tiny profile, tracked by a
+real MLflow server, run as a user runs it (``tessera run``): demo corpus → ingest → validate →
+version → train_vae → encode (mapped over shards) → train_dit → generate and prompt_eval; and
+the same DAG with one task forced to fail."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from components import airflow_local, storage
-from components.config import load_config
+from components.core import storage
+from components.core.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TESSERA = str(Path(sys.executable).with_name("tessera"))
+STEPS = {"demo_data", "ingest", "validate", "version", "train_vae", "encode", "train_dit"}
+STEPS |= {"generate", "prompt_eval"}
+
+
+def tessera_run(home: Path, mlflow_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "TESSERA_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_url}
+    environment.pop("AIRFLOW_HOME", None)  # the run's own, under TESSERA_HOME
+    return subprocess.run(
+        [TESSERA, "run", "-p", "tiny", *args],
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+
+
+def mlflow_runs(mlflow_url: str, run_id: str) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_url)
+    experiment = client.get_experiment_by_name("tessera/tessera_pipeline")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`tessera.run_id` = '{run_id}'"
+    )
+    return {"experiment": experiment, "steps": {r.data.tags["tessera.step"]: r for r in runs}}
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(mlflow_server, tmp_path_factory):
     home = tmp_path_factory.mktemp("tessera-home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TESSERA_HOME", str(home))
-    mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    try:
-        summary = airflow_local.dags_test("tiny", [], "")
-        full = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
-        yield home, summary, full
-    finally:
-        mp.undo()
+    proc = tessera_run(home, mlflow_server.url)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
+    return home, summary, proc.stdout + proc.stderr
 
 
 def test_dag_run_succeeds_and_accounts_for_every_file(pipeline_run):
-    home, summary, full = pipeline_run
-    ingest = full["ingest"]
+    home, summary, _ = pipeline_run
+    assert summary["status"] == "FINISHED" and summary["failed"] == summary["not_run"] == []
+    ingest = summary["ingest"]
     assert ingest["seen"] == ingest["ingested"] + ingest["quarantined"]
     assert ingest["ingested"] > 0
     # the demo corpus carries a truncated upload and a text file named .mp4
     assert ingest["reasons"].get("corrupt") == 1 and ingest["reasons"].get("not_media") == 1
-    assert full["validate"]["success"] is True
-    assert full["version"]["dataset_rev"] == summary["dataset rev"]
-    assert storage.is_committed(ingest["step_uri"]) and storage.is_committed(
-        full["validate"]["step_uri"]
-    )
+    assert summary["validate"]["success"] is True
+    assert STEPS <= set(summary)
+    for step in STEPS:
+        assert storage.is_committed(summary[step]["step_uri"]), step
+
+
+def test_the_terminal_shows_no_error_and_each_summary_line_once(pipeline_run):
+    _, summary, output = pipeline_run
+    assert "[error" not in output, [line for line in output.splitlines() if "[error" in line]
+    assert "View run" not in output  # MLflow's per-run links (to its GenAI view) are off
+    for key in ("dataset rev", "colour following", "samples"):
+        lines = [line for line in output.splitlines() if line.strip().startswith(key)]
+        assert len(lines) == 1, lines
+    assert summary["version"]["dataset_rev"] in output
+
+
+def test_training_reads_the_versioned_dataset(pipeline_run):
+    home, summary, _ = pipeline_run
+    from components.core.latents import index_lineage, read_index
+    from components.core.manifest import read_lineage
+
+    versioned = summary["version"]["manifest"]
+    lineage = read_lineage(versioned)
+    assert lineage.dataset_rev == summary["version"]["dataset_rev"]
+    payload = home / "checkpoints" / summary["run_id"] / "train_vae" / "train_vae.payload.json"
+    assert json.loads(payload.read_text())["manifest"] == versioned
+    assert index_lineage(summary["encode"]["latents"]) == lineage
+    index = read_index(summary["encode"]["latents"])
+    assert all("/dvc-remote/files/md5/" in uri for uri in index["uri"])
+    assert all("/demo_data/clips/" in uri for uri in index["source_uri"])
 
 
 def test_dag_trains_and_samples(pipeline_run):
-    """train_vae → encode (mapped over shards) → train_dit → samples, all through the DAG."""
-    _, _, full = pipeline_run
-    vae, latents, dit, samples = (full[k] for k in ("train_vae", "encode", "train_dit", "samples"))
+    """train_vae → encode (mapped over shards) → train_dit → generate, all through the DAG."""
+    _, summary, _ = pipeline_run
+    vae, latents, dit, samples = (
+        summary[k] for k in ("train_vae", "encode", "train_dit", "generate")
+    )
     assert storage.exists(storage.join(vae["vae"], "model.safetensors"))
     assert latents["shards"] >= 2  # the tiny corpus spans several mapped shard tasks
-    assert latents["clips"] == full["validate"]["rows_passed"]
+    assert latents["clips"] == summary["validate"]["rows_passed"]
     assert dit["steps"] == load_config("tiny").train_dit.train.steps
     assert storage.exists(storage.join(dit["model"], "vae", "config.json"))
     entries = json.loads(storage.read_text(samples["samples_json"]))
@@ -63,55 +117,73 @@ def test_dag_trains_and_samples(pipeline_run):
 
 
 def test_dag_scores_colour_following(pipeline_run):
-    _, _, full = pipeline_run
-    evaluated = full["prompt_eval"]
+    _, summary, _ = pipeline_run
+    evaluated = summary["prompt_eval"]
     result = json.loads(storage.read_text(evaluated["result"]))
     assert evaluated["trials"] == len(result["trials"]) > 0
     assert 0 < result["chance"] < 1 and 0 <= result["accuracy"] <= 1
     assert storage.exists(evaluated["grid"])
 
 
-def test_mlflow_has_parent_and_nested_step_runs(pipeline_run, mlflow_server, monkeypatch):
+def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server):
+    _, summary, _ = pipeline_run
+    found = mlflow_runs(mlflow_server.url, summary["run_id"])
+    steps = found["steps"]
+    assert set(steps) == {"pipeline", *STEPS}  # the encode shards report inside encode's run
+    assert found["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = steps["pipeline"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["tessera.dataset_rev"] == summary["version"]["dataset_rev"]
+    for step in STEPS:
+        assert steps[step].data.tags.get("mlflow.parentRunId") == parent.info.run_id, step
+        assert steps[step].info.status == "FINISHED", step
+    for step in ("version", "train_vae", "encode", "train_dit"):
+        run = steps[step]
+        assert run.data.tags["tessera.dataset_rev"] == summary["version"]["dataset_rev"], step
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["tessera-dataset"], step
     import mlflow
 
-    _, _, full = pipeline_run
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
-    mlflow.set_tracking_uri(mlflow_server.url)
-    exp = mlflow.MlflowClient().get_experiment_by_name("tessera/tessera_pipeline")
-    runs = mlflow.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`tessera.run_id` = '{full['run_id']}'",
-        output_format="list",
-    )
-    steps = {r.data.tags["tessera.step"]: r for r in runs}
-    assert {
-        "pipeline",
-        "demo_data",
-        "ingest",
-        "validate",
-        "version",
-        "train_vae",
-        "encode",
-        "train_dit",
-        "samples",
-        "prompt_eval",
-    } <= set(steps)
-    parent = steps["pipeline"].info.run_id
-    assert all(
-        steps[s].data.tags.get("mlflow.parentRunId") == parent for s in ("ingest", "validate")
-    )
-    assert steps["pipeline"].info.status == "FINISHED"
-    assert steps["version"].data.tags.get("tessera.dataset_rev") == full["version"]["dataset_rev"]
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    shards = client.get_metric_history(steps["encode"].info.run_id, "part/clips")
+    assert len(shards) == summary["encode"]["shards"]
 
 
 def test_rerun_same_run_is_a_no_op(pipeline_run, monkeypatch):
     """Re-running finished steps under the same run id returns their recorded outputs."""
-    from components import ingest, runner
-    from components.runner import RunContext
+    from components.core import runner
+    from components.core.runner import RunContext
+    from components.steps import ingest
 
-    home, _, full = pipeline_run
+    home, summary, _ = pipeline_run
     monkeypatch.setenv("TESSERA_HOME", str(home))
     cfg = load_config("tiny")
-    ctx = RunContext(full["run_id"], "tessera_pipeline", None, track=False)
-    again = runner.run_step("ingest", ingest.run, cfg, ctx, src="/nonexistent")  # not even read
-    assert again == full["ingest"]
+    ctx = RunContext(summary["run_id"], "tessera_pipeline", None, track=False)
+    again = runner.run_step(ingest.STEP, cfg, ctx, src="/nonexistent")  # not even read
+    assert again == summary["ingest"]
+
+
+def test_a_failed_task_fails_the_run_and_keeps_its_log(mlflow_server, tmp_path):
+    """train_dit fails in its workers (every clip is above the token budget): the DAG run, the
+    pipeline's parent run and the step's run end FAILED, the steps after it never run, and the
+    step's log is where the error says, though the step committed nothing."""
+    home = tmp_path / "home"
+    proc = tessera_run(
+        home,
+        mlflow_server.url,
+        "--set",
+        "train_dit.token_budget=8",
+        AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY="1",
+    )
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "failed tasks ['train_dit']" in proc.stderr
+    summary = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
+    assert summary["status"] == "FAILED" and summary["failed"] == ["train_dit"]
+    assert summary["not_run"] == ["generate", "prompt_eval"]
+    assert "train_dit" not in summary and "encode" in summary
+    log = home / "checkpoints" / summary["run_id"] / "train_dit" / "train_dit.log"
+    assert "raise train_dit.token_budget" in log.read_text()
+    assert str(home / "checkpoints" / summary["run_id"]) in proc.stderr
+    steps = mlflow_runs(mlflow_server.url, summary["run_id"])["steps"]
+    assert steps["pipeline"].info.status == "FAILED"
+    assert steps["train_dit"].info.status == "FAILED"
+    assert steps["encode"].info.status == "FINISHED"

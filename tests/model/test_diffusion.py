@@ -12,36 +12,14 @@ from model.diffusion import (
     interpolate,
     loss_by_timestep_bucket,
     null_condition,
-    pack_for_sampling,
     time_shift,
 )
-from model.dit import DiT, DiTConfig
-from model.patches import pack_patches
+from model.patches import pack_grids, pack_patches
+from tests.testing_utils.models import TEXT_DIM, tiny_dit
 
 torch.set_num_threads(1)
 
-TEXT_DIM = 16
 GRIDS = [(1, 4, 4), (2, 3, 5)]
-
-
-def tiny_dit(seed: int = 0, **overrides) -> DiT:
-    cfg = DiTConfig(
-        **{
-            "hidden_size": 32,
-            "depth": 2,
-            "num_heads": 2,
-            "in_channels": 4,
-            "text_dim": TEXT_DIM,
-            **overrides,
-        }
-    )
-    model = DiT(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # undo the zero init so guidance and text actually matter
-        for name, p in model.named_parameters():
-            is_norm_scale = "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if is_norm_scale else 0.0))
-    return model.eval()
 
 
 def prompts(batch: int = len(GRIDS), length: int = 5, seed: int = 0):
@@ -65,7 +43,7 @@ class ConstantX0:
         return self.target.repeat(x.shape[0] // self.target.shape[0], 1)
 
 
-# ---- conventions and schedule ----------------------------------------------------------------
+# --------------------------------------------------------------------------- conventions and schedule
 
 
 def test_interpolation_convention_and_conversions():
@@ -109,7 +87,7 @@ def test_logit_normal_timesteps_are_seeded():
         FlowConfig(prediction="eps")
 
 
-# ---- loss --------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- loss
 
 
 def test_loss_is_mean_per_clip_then_over_clips():
@@ -160,13 +138,13 @@ def test_text_dropout_replaces_with_null():
     assert both.shape == (12, 5, TEXT_DIM) and both_mask[6:].sum(-1).tolist() == [3] * 6
 
 
-# ---- sampling ----------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- sampling
 
 
 def test_cfg_with_guidance_one_equals_conditional():
     model = tiny_dit()
     fm = FlowMatching()
-    coords, cu = pack_for_sampling(GRIDS)
+    coords, cu = pack_grids(GRIDS)
     text, mask = prompts()
     x = torch.randn(coords.shape[0], model.config.in_dim)
     t = torch.tensor([0.8, 0.4])
@@ -186,7 +164,7 @@ def test_cfg_with_guidance_one_equals_conditional():
 def test_samplers_are_deterministic_by_seed(method):
     model = tiny_dit()
     fm = FlowMatching()
-    coords, cu = pack_for_sampling(GRIDS)
+    coords, cu = pack_grids(GRIDS)
     text, mask = prompts()
 
     def run(seed):
@@ -212,7 +190,7 @@ class ConstantVelocity(ConstantX0):
 @pytest.mark.parametrize("prediction", ["x0", "velocity"])
 def test_samplers_reach_the_data_point_of_an_exact_denoiser(method, prediction):
     target = torch.randn(1, 12)
-    coords, cu = pack_for_sampling([(1, 2, 3)])
+    coords, cu = pack_grids([(1, 2, 3)])
     model = ConstantX0(target) if prediction == "x0" else ConstantVelocity(target)
     fm = FlowMatching(FlowConfig(prediction=prediction))
     out = fm.sample(model, coords, cu, *prompts(1), steps=5, method=method, guidance=2.0, seed=0)
@@ -222,7 +200,7 @@ def test_samplers_reach_the_data_point_of_an_exact_denoiser(method, prediction):
 def test_sdedit_strength_zero_returns_input_and_one_ignores_it():
     model = tiny_dit()
     fm = FlowMatching()
-    coords, cu = pack_for_sampling(GRIDS)
+    coords, cu = pack_grids(GRIDS)
     text, mask = prompts()
     x0 = torch.randn(coords.shape[0], model.config.in_dim)
     assert torch.equal(
@@ -231,6 +209,9 @@ def test_sdedit_strength_zero_returns_input_and_one_ignores_it():
     full = fm.sdedit(model, x0, coords, cu, text, mask, strength=1.0, steps=4, seed=5)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(full, fm.sample(model, coords, cu, text, mask, steps=4, noise=noise))
+    torch.testing.assert_close(
+        fm.sdedit(model, x0, coords, cu, text, mask, strength=1.0, steps=4, noise=noise), full
+    )  # a given noise tensor is the seed's draw
     half = fm.sdedit(model, x0, coords, cu, text, mask, strength=0.5, steps=4, seed=5)
     assert torch.isfinite(half).all() and not torch.allclose(half, x0)
     with pytest.raises(ValueError, match="strength"):

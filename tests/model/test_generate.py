@@ -3,106 +3,33 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from model.diffusion import FlowConfig, FlowMatching
-from model.dit import DiT, DiTConfig
-from model.generate import (
-    ASPECTS,
-    FLOW_CONFIG_NAME,
-    VideoGenerator,
-    load_flow_config,
-    load_video,
-    pooled_noise,
-    save_flow_config,
-    save_video,
-    video_size,
+from model.dit import DiT
+from model.generate import ASPECTS, FLOW_CONFIG_NAME, VideoGenerator, pooled_noise, video_size
+from tests.testing_utils.models import (
+    MAX_PIXELS,
+    MULTIPLE,
+    TinyText,
+    gradient_video,
+    tiny_dit,
+    tiny_dit_config,
+    tiny_generator,
+    tiny_vae,
 )
-from model.vae import CausalVAE, VAEConfig
 
 torch.set_num_threads(1)
 
-TEXT_DIM = 16
-MAX_PIXELS = 64 * 64
-MULTIPLE = 16  # VAE spatial factor 8 x DiT patch 2
 STEPS = 3
-
-
-class TinyText(nn.Module):
-    """Stand-in for model.text: characters -> a random embedding table, same interface."""
-
-    def __init__(self, dim: int = TEXT_DIM, max_length: int = 8):
-        super().__init__()
-        self.dim, self.max_length = dim, max_length
-        self.table = nn.Embedding(128, dim)
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(0)
-            self.table.weight.copy_(torch.randn(128, dim, generator=gen))
-        self.calls = 0
-
-    @torch.no_grad()
-    def encode(self, texts):
-        self.calls += 1
-        ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
-        mask = torch.zeros(len(texts), self.max_length, dtype=torch.bool)
-        for i, text in enumerate(texts):
-            codes = [ord(c) % 127 + 1 for c in text][: self.max_length]
-            ids[i, : len(codes)] = torch.tensor(codes, dtype=torch.long)
-            mask[i, : len(codes)] = True
-        return self.table(ids) * mask[..., None], mask
-
-
-def tiny_vae() -> CausalVAE:
-    torch.manual_seed(0)
-    vae = CausalVAE(
-        VAEConfig(
-            base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
-        )
-    )
-    vae.set_latent_stats(shift=0.1, scale=1.5)  # non-identity, so normalisation is exercised
-    return vae.eval()
-
-
-def tiny_dit() -> DiT:
-    dit = DiT(DiTConfig(hidden_size=32, depth=2, num_heads=2, in_channels=4, text_dim=TEXT_DIM))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # undo the zero init so noise, text and guidance all matter
-        for name, p in dit.named_parameters():
-            is_norm_scale = "norm" in name and name.endswith("weight")
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + (1.0 if is_norm_scale else 0.0))
-    return dit.eval()
-
-
-def make_generator(**kwargs) -> VideoGenerator:
-    return VideoGenerator(
-        tiny_vae(),
-        tiny_dit(),
-        TinyText(),
-        FlowMatching(FlowConfig()),
-        max_frames=17,
-        max_pixels=MAX_PIXELS,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
 def generator() -> VideoGenerator:
-    return make_generator()
+    return tiny_generator()
 
 
 def size_of(aspect: str, frames: int = 5) -> tuple[int, int, int]:
     return video_size(aspect, frames, MAX_PIXELS, MULTIPLE)
-
-
-def smooth_video(frames: int, height: int, width: int, batch: int | None = None) -> torch.Tensor:
-    t = torch.linspace(0, 1, frames)[:, None, None]
-    y = torch.linspace(-1, 1, height)[None, :, None]
-    x = torch.linspace(-1, 1, width)[None, None, :]
-    shape = (frames, height, width)
-    video = torch.stack(
-        [(0.8 * x).expand(shape), (0.8 * y).expand(shape), 0.6 * torch.sin(3 * x + 2 * y + 4 * t)]
-    )  # (3, T, H, W)
-    return video if batch is None else video.expand(batch, -1, -1, -1, -1).contiguous()
 
 
 # --------------------------------------------------------------------------- sizes
@@ -235,7 +162,7 @@ def test_mismatched_models_are_rejected():
     with pytest.raises(ValueError, match="latent channels"):
         VideoGenerator(
             tiny_vae(),
-            DiT(DiTConfig(hidden_size=32, depth=1, num_heads=2, in_channels=8, text_dim=TEXT_DIM)),
+            DiT(tiny_dit_config(depth=1, in_channels=8)),
             TinyText(),
             FlowMatching(),
         )
@@ -247,25 +174,25 @@ def test_mismatched_models_are_rejected():
 
 
 def test_edit_strength_zero_is_the_vae_reconstruction(generator):
-    video = smooth_video(5, 48, 80)
+    video = gradient_video(5, 48, 80)
     edited = generator.edit(video, "a green ball", strength=0.0)
     expected, _ = generator.vae(video[None], sample=False)
     torch.testing.assert_close(edited, expected[0].clamp(-1, 1), atol=1e-5, rtol=0)
-    odd = smooth_video(6, 20, 28)  # any size: padded, then cropped back
+    odd = gradient_video(6, 20, 28)  # any size: padded, then cropped back
     edited = generator.edit(odd, "a green ball", strength=0.0)
     assert edited.shape == odd.shape
     torch.testing.assert_close(edited, generator.reconstruct(odd))
 
 
 def test_edit_strength_one_equals_generate_with_the_same_noise(generator):
-    video = smooth_video(5, 48, 80)
+    video = gradient_video(5, 48, 80)
     edited = generator.edit(video, "a green ball", strength=1.0, steps=STEPS, seed=5)
     generated = generator.generate(["a green ball"], 5, 48, 80, steps=STEPS, seed=5)[0]
     assert torch.equal(edited, generated)
 
 
 def test_edit_partial_strength_and_batches(generator):
-    videos = smooth_video(5, 36, 44, batch=2)
+    videos = gradient_video(5, 36, 44, batch=2)
     forwards = []
     hook = generator.dit.register_forward_hook(lambda *_: forwards.append(1))
     try:
@@ -307,54 +234,19 @@ def test_pooled_noise_keeps_unit_variance():
         assert abs(pooled.std().item() - 1.0) < 0.1 and abs(pooled.mean().item()) < 0.1
 
 
-# --------------------------------------------------------------------------- files
-
-
-def test_save_load_mp4_round_trip(tmp_path):
-    video = smooth_video(5, 48, 80)
-    path = save_video(video, tmp_path / "clip.mp4", fps=8)
-    assert path == tmp_path / "clip.mp4" and path.stat().st_size > 0
-    loaded = load_video(path)
-    assert loaded.shape == video.shape
-    assert (loaded - video).abs().mean() < 0.03
-    assert load_video(path, max_frames=2).shape == (3, 2, 48, 80)
-
-
-def test_save_load_png_and_odd_sizes(tmp_path):
-    image = smooth_video(1, 21, 30)
-    path = save_video(image, tmp_path / "still.mp4")
-    assert path.suffix == ".png"  # one frame is written as a lossless PNG
-    loaded = load_video(path)
-    assert loaded.shape == image.shape
-    assert (loaded - image).abs().max() <= 1 / 127.5 + 1e-6  # uint8 quantisation only
-    odd = save_video(smooth_video(3, 21, 31), tmp_path / "odd")
-    assert load_video(odd).shape == (3, 3, 22, 32)  # yuv420p: padded to even sides
-
-
-def test_load_video_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_video(tmp_path / "nope.mp4")
-    bad = tmp_path / "bad.mp4"
-    bad.write_text("not a video")
-    with pytest.raises(ValueError, match="not a readable video"):
-        load_video(bad)
-    with pytest.raises(ValueError, match=r"\(3, T, H, W\)"):
-        save_video(torch.zeros(1, 3, 1, 8, 8), tmp_path / "x.png")
-
-
 # --------------------------------------------------------------------------- from_pretrained
 
 
 def save_models(generator: VideoGenerator, root):
     generator.vae.save_pretrained(root / "vae")
     generator.dit.save_pretrained(root / "dit")
-    save_flow_config(generator.flow.config, root / "dit")
+    generator.flow.config.to_json(root / "dit" / FLOW_CONFIG_NAME)
     return root / "vae", root / "dit"
 
 
 def test_from_pretrained_round_trip(generator, tmp_path):
     vae_dir, dit_dir = save_models(generator, tmp_path)
-    assert load_flow_config(dit_dir / FLOW_CONFIG_NAME) == generator.flow.config
+    assert FlowConfig.from_json(dit_dir / FLOW_CONFIG_NAME) == generator.flow.config
     loaded = VideoGenerator.from_pretrained(
         vae_dir, dit_dir, generator.text_encoder, max_pixels=MAX_PIXELS
     )
@@ -385,5 +277,5 @@ def test_from_pretrained_missing_dir_and_bad_flow_json(generator, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist.*train_vae"):
         VideoGenerator.from_pretrained(tmp_path / "nowhere", dit_dir, generator.text_encoder)
     (dit_dir / FLOW_CONFIG_NAME).write_text(json.dumps({"prediction": "x0", "bogus": 1}))
-    with pytest.raises(ValueError, match="unknown FlowConfig keys \\['bogus'\\]"):
+    with pytest.raises(ValueError, match="unknown FlowConfig key\\(s\\) \\['bogus'\\]"):
         VideoGenerator.from_pretrained(vae_dir, dit_dir, generator.text_encoder)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import socket
 from pathlib import Path
 
@@ -40,9 +39,7 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
 
-# --------------------------------------------------------------------------------------------
-# tiny Hugging Face checkpoints
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- tiny Hugging Face checkpoints
 
 
 def word_tokenizer(specials: list[str], template: str, **tokens):
@@ -124,9 +121,7 @@ def clip_dir(tmp_path_factory) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# MiniLM (real weights)
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- MiniLM (real weights)
 
 
 def test_minilm_shapes_and_mask_match_token_counts(minilm):
@@ -220,9 +215,7 @@ def test_minilm_mean_pool_equals_sentence_transformers(minilm):
     )
 
 
-# --------------------------------------------------------------------------------------------
-# T5 / CLIP loaders (tiny random checkpoints)
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- T5 / CLIP loaders (tiny random checkpoints)
 
 
 def test_hf_t5_encoder(t5_dir):
@@ -291,9 +284,7 @@ def test_hf_clip_max_length_beyond_positions(clip_dir):
         load_text_encoder(f"hf-clip:{clip_dir}", max_length=77)
 
 
-# --------------------------------------------------------------------------------------------
-# cache
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- cache
 
 
 def test_cache_hits_and_identical_outputs(minilm):
@@ -346,9 +337,7 @@ def test_cache_key_depends_on_spec_and_max_length(minilm):
     assert null_text(CachedTextEncoder(wider))[0].shape == (1, 48, 384)
 
 
-# --------------------------------------------------------------------------------------------
-# errors and layering
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- errors and layering
 
 
 @pytest.mark.parametrize("spec", ["bogus", "t5", "hf-t5:", "hf-gpt:/tmp", "minilm:x"])
@@ -370,14 +359,3 @@ def test_missing_or_wrong_directory(tmp_path, t5_dir):
         load_text_encoder(f"hf-clip:{t5_dir}")
     with pytest.raises(ValueError, match="max_length must be an int >= 2"):
         load_text_encoder("minilm", max_length=1)
-
-
-def test_model_text_imports_no_components_or_airflow():
-    tree = ast.parse(Path(text_module.__file__).read_text())
-    imported = {
-        (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for alias in node.names
-    }
-    assert not {m for m in imported if m.split(".")[0] in ("components", "airflow")}

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model.config import UnknownSizeError
 from model.vae import (
     VAE_SIZES,
     CausalVAE,
@@ -20,12 +20,12 @@ from model.vae import (
     compute_latent_stats,
     count_parameters,
 )
+from tests.testing_utils.model_tester import ModelTesterMixin
+from tests.testing_utils.models import random_video, tiny_vae_config, wave_video
 
 torch.set_num_threads(1)
 
-TINY = VAEConfig(
-    base_channels=8, channel_multipliers=(1, 1, 2, 2), num_res_blocks=1, latent_channels=4
-)
+TINY = tiny_vae_config()
 
 
 @pytest.fixture(scope="module")
@@ -34,26 +34,22 @@ def vae() -> CausalVAE:
     return CausalVAE(TINY).eval()
 
 
-def random_video(*shape: int, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(*shape, generator=generator) * 2 - 1
+class TestCausalVAE(ModelTesterMixin):
+    model_class = CausalVAE
 
+    def init_config(self):
+        return TINY
 
-def smooth_video(frames: int, height: int, width: int) -> torch.Tensor:
-    """Low-frequency moving pattern (1, 3, T, H, W), closer to real footage than white noise."""
-    y = torch.linspace(0, 1, height)[:, None]
-    x = torch.linspace(0, 1, width)[None, :]
-    channels = [
-        torch.stack(
-            [
-                0.5 * torch.sin(2 * math.pi * (1.3 * x + 0.7 * y + 0.1 * t + 0.3 * c))
-                + 0.3 * torch.cos(2 * math.pi * (2 * y - 0.5 * x))
-                for t in range(frames)
-            ]
-        )
-        for c in range(3)
-    ]
-    return torch.stack(channels)[None]
+    def inputs(self, seed: int = 0) -> dict:
+        return {"video": random_video(1, 3, 9, 16, 16, seed=seed)}
+
+    def output(self, model, inputs):  # a posterior sample, seeded
+        return model(inputs["video"], generator=torch.Generator().manual_seed(7))[0]
+
+    def training_loss(self, model, inputs):
+        video = inputs["video"]
+        recon, posterior = model(video, generator=torch.Generator().manual_seed(0))
+        return F.mse_loss(recon, video) + 1e-6 * posterior.kl().mean()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -82,7 +78,7 @@ def test_config_rejects_bad_values(overrides, message):
 
 
 def test_config_from_dict_rejects_unknown_keys():
-    with pytest.raises(ValueError, match=r"unknown VAEConfig keys \['latent_dim'\]"):
+    with pytest.raises(ValueError, match=r"unknown VAEConfig key\(s\) \['latent_dim'\]"):
         VAEConfig.from_dict({**TINY.to_dict(), "latent_dim": 4})
     assert VAEConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
 
@@ -91,7 +87,7 @@ def test_registry_configs_build():
     assert set(VAE_SIZES) == {"vae-tiny", "vae-xs", "vae-s", "vae-m"}
     xs = build_vae("vae-xs", latent_channels=8)
     assert xs.config.latent_channels == 8 and count_parameters(xs) == xs.num_parameters() > 0
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(UnknownSizeError, match="choose one of"):
         build_vae("vae-xxl")
 
 
@@ -190,7 +186,7 @@ def test_tiled_pass_is_close_to_full_pass(vae):
     #   overlap 64: encode 0.244 / 0.086, decode 0.703 / 0.147
     #   overlap 32: encode 0.495 / 0.226, decode 1.004 / 0.315
     # Bounds leave ~15% headroom; the error must also shrink as the overlap grows.
-    video = smooth_video(1, 256, 256)
+    video = wave_video(1, 256, 256)
     with torch.no_grad():
         latent = vae.encode(video).mean
         decoded = vae.decode(latent)
@@ -262,37 +258,15 @@ def test_save_load_round_trip(vae, tmp_path):
 
     config_path = tmp_path / "vae" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "attention": True}))
-    with pytest.raises(ValueError, match="unknown VAEConfig keys"):
+    with pytest.raises(ValueError, match="unknown VAEConfig key"):
         CausalVAE.from_pretrained(tmp_path / "vae")
-
-
-def test_seeded_init_and_sampling_are_deterministic():
-    video = random_video(1, 3, 5, 16, 16)
-    outputs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        model = CausalVAE(TINY)
-        with torch.no_grad():
-            outputs.append(model(video, generator=torch.Generator().manual_seed(7))[0])
-    assert torch.equal(outputs[0], outputs[1])
-
-
-def test_gradients_reach_every_parameter():
-    torch.manual_seed(0)
-    model = CausalVAE(TINY)
-    video = random_video(1, 3, 9, 16, 16)
-    recon, posterior = model(video, generator=torch.Generator().manual_seed(0))
-    (F.mse_loss(recon, video) + 1e-6 * posterior.kl().mean()).backward()
-    for name, param in model.named_parameters():
-        assert param.grad is not None, name
-        assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
 
 
 def test_tiny_overfit_reduces_reconstruction_loss():
     # Two 5x16x16 clips, 100 Adam steps: measured 0.189 -> 0.018 (10.7x); ~5 s on one thread.
     torch.manual_seed(0)
     model = CausalVAE(TINY)
-    clips = torch.cat([smooth_video(5, 16, 16), random_video(1, 3, 5, 16, 16).mul(0.3)])
+    clips = torch.cat([wave_video(5, 16, 16), random_video(1, 3, 5, 16, 16).mul(0.3)])
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(100):

@@ -1,1 +1,0 @@
-"""Benchmark cases, one module per subject; each registers with ``components.bench.benchmark``."""

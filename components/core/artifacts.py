@@ -1,0 +1,143 @@
+"""Find and fetch a saved model wherever the store reaches: a VAE, a DiT, or a whole model.
+
+A *model directory* holds ``vae/`` (``CausalVAE.save_pretrained``, from train_vae) and ``dit/``
+(``DiT.save_pretrained`` + ``flow.json``, from train_dit); the train_dit step's output is one.
+A part is named by its own directory or by the directory that holds it, as a local path,
+``file://`` or ``s3://`` URI; S3 objects are downloaded into a temporary directory that lives as
+long as the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from components.core import storage
+from components.core.config import TesseraConfig
+
+if TYPE_CHECKING:
+    from model.generate import VideoGenerator
+    from model.vae import CausalVAE
+
+VAE_DIR, DIT_DIR = "vae", "dit"
+MODEL_CONFIG = "config.json"
+PRODUCERS = {VAE_DIR: "the train_vae step's 'vae' output", DIT_DIR: "the train_dit step's 'dit'"}
+
+
+def find(uri: str, part: str) -> str:
+    """The URI of the ``part`` (``vae`` | ``dit``) directory: ``uri`` itself or ``uri/part``."""
+    for candidate in (uri, storage.join(uri, part)):
+        if storage.exists(storage.join(candidate, MODEL_CONFIG)):
+            return candidate
+    raise FileNotFoundError(
+        f"no {part.upper()} ({MODEL_CONFIG} + model.safetensors) in {uri} or {uri}/{part}; "
+        f"pass {PRODUCERS[part]} or a model directory holding {part}/"
+    )
+
+
+@contextlib.contextmanager
+def local_tree(uri: str, only: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local directory with the files under ``uri`` (downloaded when on S3; ``only``: just
+    these top-level entries)."""
+    if not storage.is_s3(uri):
+        path = storage.local_path(uri)
+        if not path.is_dir():
+            raise storage.StorageNotFound(f"{uri} does not exist or is not a directory")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="tessera-model-") as tmp:
+        prefix = uri.rstrip("/") + "/"
+        found = 0
+        for obj in storage.list_objects(uri):
+            rel = obj.uri[len(prefix) :]
+            if Path(rel).name == storage.SUCCESS or (only and rel.split("/")[0] not in only):
+                continue
+            storage.download_file(obj.uri, Path(tmp) / rel)
+            found += 1
+        if not found:
+            raise storage.StorageNotFound(f"{uri} holds no files{f' in {only}' if only else ''}")
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def fetch(uri: str, part: str) -> Iterator[Path]:
+    """A local copy of the ``part`` directory found in ``uri`` (see :func:`find`)."""
+    with local_tree(find(uri, part)) as path:
+        yield path
+
+
+def load_vae(uri: str, device: Any = "cpu") -> CausalVAE:
+    """A :class:`~model.vae.CausalVAE` from a VAE directory or a directory holding ``vae/``."""
+    from model.vae import CausalVAE
+
+    with fetch(uri, VAE_DIR) as path:
+        return CausalVAE.from_pretrained(path, device=device)
+
+
+@contextlib.contextmanager
+def model_dir(uri: str) -> Iterator[Path]:
+    """A local directory with the model's ``vae/`` and ``dit/`` (only those are downloaded from
+    S3; a local one is used in place and :func:`load_generator` names what it lacks)."""
+    if not storage.is_s3(uri):
+        yield storage.local_path(uri)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            path = stack.enter_context(local_tree(uri, only=(VAE_DIR, DIT_DIR)))
+        except storage.StorageNotFound as exc:
+            raise storage.StorageNotFound(
+                f"{uri} holds no model files; expected vae/ (from train_vae) and dit/ "
+                "(from train_dit) under it"
+            ) from exc
+        yield path
+
+
+def load_text_encoder(cfg: TesseraConfig) -> Any:
+    """The text encoder of ``cfg.text`` (it must be the one the DiT was trained with)."""
+    from model.text import load_text_encoder as load
+
+    return load(cfg.text.encoder, max_length=cfg.text.max_length)
+
+
+def default_device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sample(
+    generator: VideoGenerator, cfg: TesseraConfig, requests: list[dict[str, Any]]
+) -> tuple[list[Any], float]:
+    """``generator.generate_many(requests)`` with ``cfg.generate``'s solver settings, in packs of
+    at most ``train_dit.token_budget`` tokens (a budget training fits with activations kept for
+    backward, so guidance's doubled rows fit too); returns the videos and the seconds taken."""
+    import time
+
+    started = time.perf_counter()
+    gcfg = cfg.generate
+    videos = generator.generate_many(
+        requests,
+        steps=gcfg.steps,
+        guidance=gcfg.guidance,
+        sampler=gcfg.sampler,
+        token_budget=cfg.train_dit.token_budget,
+    )
+    return videos, time.perf_counter() - started
+
+
+def load_generator(cfg: TesseraConfig, directory: Path, device: Any = None) -> VideoGenerator:
+    """A VideoGenerator from a local model directory, with ``cfg.generate``'s limits."""
+    from model.generate import VideoGenerator, check_pretrained
+
+    check_pretrained(directory / VAE_DIR, directory / DIT_DIR)  # before the text encoder loads
+    return VideoGenerator.from_pretrained(
+        directory / VAE_DIR,
+        directory / DIT_DIR,
+        load_text_encoder(cfg),
+        device=device or default_device(),
+        max_frames=cfg.generate.max_frames,
+        max_pixels=cfg.generate.max_pixels,
+    )

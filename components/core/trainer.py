@@ -1,0 +1,574 @@
+"""DeepSpeed training infrastructure shared by the VAE and DiT trainers.
+
+- :func:`run_workers` is how a training step trains: it writes the payload (the config with its
+  precision resolved once for every rank, the step's inputs, where to write), :func:`launch` starts
+  ``N`` processes with ``torchrun`` (gloo on CPU, NCCL on GPU) running ``python -m
+  components.core.trainer ENTRY PAYLOAD``, keeps their log beside the checkpoints (it survives a
+  failed attempt) and returns what rank 0 wrote; multi-node runs use the same entry under the
+  ``deepspeed`` launcher or ``torchrun --nnodes``.
+- :class:`Trainer` wraps a DeepSpeed engine: AdamW + warm-up/cosine schedule, gradient clipping,
+  ZeRO stage and precision from :class:`TrainConfig`, optional EMA weights, checkpoints every N
+  steps that hold everything a resume needs (weights, optimizer, scheduler, RNG of every rank,
+  data position) and only rank 0 talks to MLflow.
+- :class:`ResumableSampler` gives every rank a deterministic, resumable stream of indices.
+
+Checkpoints live outside the step's staging directory (``checkpoint_dir``), so a retried task
+resumes from the latest one instead of starting over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from components.core.config import Environment, TesseraConfig, TrainConfig, to_dict
+from components.core.hardware import CPU_BF16_MIN_SPEEDUP, cpu_bf16_speedup
+
+# Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
+# progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
+PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"[rank0]:", b"Traceback")
+
+
+class TrainingFailed(RuntimeError):
+    """A training process exited with an error; the message points at its log."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss went non-finite; raised before it reaches the weights or a checkpoint."""
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def build_payload(
+    cfg: TesseraConfig,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    result_name: str,
+    *,
+    mlflow_run_id: str | None = None,
+    stop_at: int | None = None,
+    **inputs: Any,
+) -> dict[str, Any]:
+    """What a training worker reads (JSON): ``cfg`` with ``precision: auto`` resolved
+    (:func:`resolve_precision`), ``out_dir`` (rank 0 writes the model there), ``result`` (the
+    JSON file of the run's numbers), ``checkpoint_dir``, ``mlflow_run_id``, ``stop_at`` (stop
+    after that step with a checkpoint, as a pre-empted run would) and the step's ``inputs``."""
+    plain = {k: str(v) if isinstance(v, Path) else v for k, v in inputs.items()}
+    return {
+        "cfg": to_dict(resolve_precision(cfg)),
+        "out_dir": str(out_dir),
+        "result": str(Path(out_dir) / result_name),
+        "checkpoint_dir": str(checkpoint_dir),
+        "mlflow_run_id": mlflow_run_id,
+        "stop_at": stop_at,
+        **plain,
+    }
+
+
+def run_workers(
+    entry: str,
+    cfg: TesseraConfig,
+    train: TrainConfig,
+    workdir: Path,
+    checkpoint_dir: Path,
+    *,
+    log_name: str,
+    result_name: str,
+    **inputs: Any,
+) -> dict[str, Any]:
+    """Train a step: ``entry`` on ``train.num_processes`` processes, logging into the active
+    MLflow run; returns the result JSON rank 0 wrote into ``workdir``. The log lives in
+    ``checkpoint_dir`` (kept when the attempt fails: the error names it) and is copied into
+    ``workdir`` when training succeeds."""
+    import mlflow
+
+    active = mlflow.active_run()
+    payload = build_payload(
+        cfg,
+        workdir,
+        checkpoint_dir,
+        result_name,
+        mlflow_run_id=active.info.run_id if active else None,
+        **inputs,
+    )
+    log_path = Path(checkpoint_dir) / log_name
+    launch(entry, payload, train.num_processes, log_path)
+    shutil.copyfile(log_path, Path(workdir) / log_name)
+    return json.loads(Path(payload["result"]).read_text())
+
+
+def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Path) -> None:
+    """Run ``entry`` (``"module:function"``) in ``num_processes`` DeepSpeed processes.
+
+    The payload is written next to the log as JSON and passed to every process. Output of all
+    ranks goes to ``log_path``; a non-zero exit raises :class:`TrainingFailed` with its tail.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    payload_path = log_path.with_suffix(".payload.json")
+    payload_path.write_text(json.dumps(payload, indent=2, default=str))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(num_processes),
+        "-m",
+        "components.core.trainer",
+        entry,
+        str(payload_path),
+    ]
+    env = dict(os.environ)
+    threads = max(1, (os.cpu_count() or 1) // num_processes)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        for line in proc.stdout:  # everything to the log; progress lines also to our stdout
+            log.write(line)
+            log.flush()
+            if line.startswith(PROGRESS_PREFIXES):
+                sys.stdout.write(line.decode(errors="replace"))
+                sys.stdout.flush()
+        proc.wait()
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise TrainingFailed(
+            f"{entry} failed with exit code {proc.returncode} on {num_processes} process(es); "
+            f"full log: {log_path}\n{tail}"
+        )
+
+
+def _worker_main(entry: str, payload_path: str) -> None:
+    """Run ``entry`` on the payload, then leave without interpreter finalisation.
+
+    Gloo's worker threads can still be releasing the last collective's tensors when Python
+    finalises; they then need the GIL, cannot get it, and the process aborts ("terminate called
+    without an active exception", SIGABRT) although training finished (pytorch/pytorch#179291;
+    seen here about once in 15-30 two-process runs under load, with or without
+    ``destroy_process_group``). So a worker flushes its output and ends with ``os._exit``.
+    """
+    import faulthandler
+    import logging
+
+    import torch.distributed as dist
+
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's stack to the log
+    code = 0
+    try:
+        module_name, _, fn_name = entry.partition(":")
+        fn = getattr(importlib.import_module(module_name), fn_name)
+        fn(json.loads(Path(payload_path).read_text()))
+        if dist.is_initialized():
+            dist.barrier()  # no rank leaves while another still talks to it
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # torch's hook prefixes "[rankN]:" to the traceback
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def init_distributed(train: TrainConfig) -> None:
+    """Initialise torch.distributed through DeepSpeed (also for a single process)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python`, no launcher: a world of one on loopback
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    if not train.cpu_shm_comm and not torch.cuda.is_available():
+        # The shared-memory CPU all-reduce JIT-compiles a C++ op (minutes on a fresh machine);
+        # gloo does the same job for the 1-2 CPU processes this path serves.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(Environment.read().local_rank)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", Environment.read().local_rank)
+    return torch.device("cpu")
+
+
+def is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+# --------------------------------------------------------------------------- data order
+
+
+class ResumableSampler(torch.utils.data.Sampler[int]):
+    """Endless, deterministic, rank-sharded index stream that can start mid-way.
+
+    Epoch ``e`` is a permutation of ``range(n)`` seeded by ``(seed, e)``; the global stream is
+    the concatenation of epochs, and rank ``r`` of ``w`` takes positions ``r, r+w, …``. The
+    position (global samples consumed) is all a resume needs.
+    """
+
+    def __init__(
+        self, num_items: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0
+    ):
+        if num_items < 1:
+            raise ValueError("ResumableSampler needs at least one item")
+        self.n, self.seed, self.rank, self.world_size, self.start = (
+            num_items,
+            seed,
+            rank,
+            world_size,
+            start,
+        )
+
+    def _perm(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        pos = self.start + self.rank
+        epoch, perm = -1, []
+        while True:
+            e = pos // self.n
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            yield perm[pos % self.n]
+            pos += self.world_size
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for progress display
+        return 2**62
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # global samples consumed (the data position)
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` (or constant)."""
+
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.schedule == "constant":
+            return 1.0
+        span = max(1, train.steps - train.warmup_steps)
+        progress = min(1.0, (step - train.warmup_steps) / span)
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
+
+    return factor
+
+
+def precision(train: TrainConfig) -> str:
+    """``bf16`` or ``fp32``: the matmul precision of training.
+
+    ``auto`` is bf16 on CUDA GPUs that support it, and on CPUs whose bf16 matmuls are measured to
+    be at least :data:`CPU_BF16_MIN_SPEEDUP` times faster than fp32 ones.
+    """
+    if train.precision != "auto":
+        return train.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_bf16_speedup() >= CPU_BF16_MIN_SPEEDUP else "fp32"
+
+
+def resolve_precision(cfg: TesseraConfig) -> TesseraConfig:
+    """``cfg`` with the trainers' CPU ``precision: auto`` replaced by :func:`precision`.
+
+    The launchers resolve it once (the steps' ``build_payload``), so every rank trains in the
+    same precision even if their timings differ; on CUDA each worker resolves ``auto`` on its
+    own device.
+    """
+    if torch.cuda.is_available():
+        return cfg
+
+    def resolved(section: Any) -> Any:
+        if section.train.precision != "auto":
+            return section
+        return replace(section, train=replace(section.train, precision=precision(section.train)))
+
+    return replace(cfg, train_vae=resolved(cfg.train_vae), train_dit=resolved(cfg.train_dit))
+
+
+def bf16_weights(train: TrainConfig) -> bool:
+    """Whether DeepSpeed holds bf16 weights (its bf16 optimizer keeps fp32 masters): on CUDA.
+
+    On CPU bf16 training is autocast only: fp32 weights, gradients and optimizer, bf16 matmuls.
+    """
+    return precision(train) == "bf16" and torch.cuda.is_available()
+
+
+class Trainer:
+    """One DeepSpeed engine plus checkpointing, EMA and rank-0 metric logging.
+
+    Args:
+        model: the ``nn.Module`` to train (already on CPU; moved by DeepSpeed).
+        train: optimisation settings.
+        checkpoint_dir: where ``step-XXXXXXX`` checkpoints go; survives task retries.
+        mlflow_run_id: the step's MLflow run; rank 0 logs metrics into it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TrainConfig,
+        checkpoint_dir: Path,
+        mlflow_run_id: str | None = None,
+        extra_params: list[nn.Parameter] | None = None,
+    ) -> None:
+        import deepspeed
+
+        init_distributed(train)
+        self.train = train
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.mlflow_run_id = mlflow_run_id
+        self.rank, self.world_size = world()
+        params = [p for p in model.parameters() if p.requires_grad] + list(extra_params or [])
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": train.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": train.micro_batch,
+            "gradient_accumulation_steps": train.grad_accum,
+            "gradient_clipping": train.grad_clip,
+            "zero_optimization": {"stage": train.zero_stage},
+            "bf16": {"enabled": bf16_weights(train)},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.model = self.engine.module
+        self.ema: dict[str, torch.Tensor] | None = None
+        if train.ema_decay > 0:
+            self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+        self.state = TrainState()
+        self._last_log = time.perf_counter()
+        self._grad_norm: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def global_batch(self) -> int:
+        return self.train.micro_batch * self.train.grad_accum * self.world_size
+
+    # --------------------------------------------------------------------------- stepping
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward + (at accumulation boundaries) optimizer step; True when a step happened.
+
+        A non-finite ``loss`` raises :class:`TrainingDiverged` before anything is applied, so the
+        checkpoints stay clean and a retry with a fix resumes from the last one.
+        """
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(
+                f"the loss is {loss.item()} at step {self.state.step + 1} (rank {self.rank}); "
+                "nothing of this step was applied. Lower train.lr or raise train.warmup_steps "
+                "(under bf16 also try train.precision=fp32), then retry: it resumes from the "
+                f"last checkpoint in {self.checkpoint_dir}"
+            )
+        self.engine.backward(loss)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            self._grad_norm = self._reduced_grad_norm()
+        self.engine.step()
+        if boundary:
+            self.state.step += 1
+            self.state.samples += self.global_batch
+            self._update_ema()
+        return boundary
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.train.ema_decay
+        for k, v in self.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def grad_norm(self) -> float | None:
+        """Gradient norm of the last step, before clipping."""
+        norm = self.engine.get_global_grad_norm()
+        norm = self._grad_norm if norm is None else norm
+        return float(norm) if norm is not None else None
+
+    @torch.no_grad()
+    def _reduced_grad_norm(self) -> float | None:
+        # DeepSpeed's plain fp32 path (no ZeRO, no bf16) clips without keeping the norm; its
+        # gradients are already all-reduced at the boundary, so the norm is the same on all ranks.
+        if self.train.zero_stage > 0 or bf16_weights(self.train):
+            return None
+        params = self.model.parameters()
+        grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else None
+
+    # --------------------------------------------------------------------------- logging
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log metrics to the step's MLflow run from rank 0 only."""
+        if not is_rank0() or self.mlflow_run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        from components.core import tracking
+
+        tracking.setup()
+        import mlflow
+
+        now = int(time.time() * 1000)
+        step = self.state.step if step is None else step
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        mlflow.MlflowClient().log_batch(self.mlflow_run_id, metrics=batch)
+
+    # --------------------------------------------------------------------------- checkpoints
+
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        done = [p for p in self.checkpoint_dir.glob("step-*") if (p / "COMPLETE").exists()]
+        return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+    def save_checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
+        """Save everything a resume needs; every rank must call this."""
+        import torch.distributed as dist
+
+        tag = f"step-{self.state.step:07d}"
+        path = self.checkpoint_dir / tag
+        client_state = {"step": self.state.step, "samples": self.state.samples, **(extra or {})}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state)
+        torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
+        if self.ema is not None and self.rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.contiguous() for k, v in self.ema.items()}, str(path / "ema.safetensors")
+            )
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            (path / "COMPLETE").write_text(json.dumps(client_state, default=str))
+            for old in self.checkpoints()[: -self.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def resume(self) -> dict[str, Any] | None:
+        """Load the latest complete checkpoint, if any; returns its client state."""
+        found = self.checkpoints()
+        if not found:
+            return None
+        path = found[-1]
+        _, client_state = self.engine.load_checkpoint(
+            str(self.checkpoint_dir),
+            tag=path.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        if self.ema is not None and (path / "ema.safetensors").exists():
+            from safetensors.torch import load_file
+
+            self.ema = load_file(str(path / "ema.safetensors"))
+        self.state = TrainState(
+            step=int(client_state["step"]), samples=int(client_state["samples"])
+        )
+        return client_state
+
+    def export_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """Consolidated weights for the registry / serving (EMA when enabled)."""
+        if use_ema and self.ema is not None:
+            return {k: v.clone() for k, v in self.ema.items()}
+        if self.train.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()  # gathers shards on rank 0
+        return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(int(x) for x in state["python"]), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextlib.contextmanager
+def maybe_autocast(train: TrainConfig) -> Iterator[None]:
+    """bf16 autocast on the training device when :func:`precision` says bf16."""
+    if precision(train) == "bf16":
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], sys.argv[2])

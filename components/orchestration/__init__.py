@@ -1,0 +1,1 @@
+"""Running the steps as a pipeline: the DAG's task bodies and the local Airflow runner."""

@@ -1,0 +1,136 @@
+"""The DAG's task bodies: one runner over the step specs, plus the pipeline's two ends.
+
+A DAG task names a step and passes its inputs (URIs and small dicts from upstream tasks);
+:func:`run_task` finds the step's spec by that name (``components.steps.<name>.STEP``), builds
+the config from the DAG params and the run context from :func:`start`'s handle, and runs it
+through :func:`components.core.runner.run_step`. :func:`start` opens the pipeline's MLflow parent run, :func:`finish` closes it with the
+pipeline's real status; :func:`skip` marks a task that has nothing to do skipped. Adding a step
+adds no code here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from typing import Any, NoReturn
+
+from components.core import runner, storage
+from components.core.config import TesseraConfig, load_config
+from components.core.runner import RunContext, StepSpec
+
+PIPELINE = "tessera_pipeline"
+
+
+def sanitize_run_id(run_id: str) -> str:
+    """Airflow run ids (``manual__2026-01-01T00:00:00+00:00``) made safe for paths and S3 keys."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", run_id).strip("-")
+
+
+def spec(name: str) -> StepSpec:
+    """The spec of step ``name``: ``components.steps.<name>.STEP``."""
+    found = importlib.import_module(f"components.steps.{name}").STEP
+    if found.name != name:
+        raise ValueError(f"components.steps.{name} declares step {found.name!r}; they must match")
+    return found
+
+
+def resolve(params: dict[str, Any], run: dict[str, Any]) -> tuple[TesseraConfig, RunContext]:
+    cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
+    ctx = RunContext(run["run_id"], PIPELINE, run.get("parent_run_id"), run.get("track", True))
+    return cfg, ctx
+
+
+def skip(reason: str) -> NoReturn:
+    """Mark the running task skipped (downstream tasks that need it are skipped too)."""
+    from airflow.exceptions import AirflowSkipException
+
+    raise AirflowSkipException(reason)
+
+
+def run_task(name: str, params: dict[str, Any], run: dict[str, Any], **inputs: Any) -> dict:
+    """Run step ``name`` of this pipeline run; returns its outputs (URIs + small values)."""
+    cfg, ctx = resolve(params, run)
+    return runner.run_step(spec(name), cfg, ctx, **inputs)
+
+
+def plan_task(name: str, params: dict[str, Any], run: dict[str, Any], **inputs: Any) -> list:
+    """The parts of step ``name`` that Airflow maps :func:`part_task` over (XCom-sized)."""
+    cfg, _ = resolve(params, run)
+    return runner.plan_parts(spec(name), cfg, **inputs)
+
+
+def part_task(
+    name: str, params: dict[str, Any], run: dict[str, Any], part: dict[str, Any], **inputs: Any
+) -> dict:
+    """One part of step ``name`` (its own committed transaction)."""
+    cfg, ctx = resolve(params, run)
+    return runner.run_part(spec(name), cfg, ctx, part, **inputs)
+
+
+def gather(parts: Any) -> list[dict[str, Any]]:
+    """The outputs of a mapped task as a list. Indexed up to its length: iterating Airflow's
+    lazy sequence to its end asks for one XCom too many, which its client logs as an error."""
+    return [parts[i] for i in range(len(parts))]
+
+
+def corpus(params: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """The raw videos of this run: ``params.source`` (+ ``params.captions``), else the demo
+    corpus this run's demo_data step rendered. Read from the store, not XCom: demo_data is
+    skipped when a source is given, and a skipped task leaves no XCom to pull."""
+    if params.get("source"):
+        return {"clips": params["source"], "captions": params.get("captions") or None}
+    cfg, ctx = resolve(params, run)
+    outputs = runner.committed_outputs(runner.step_uri(cfg, ctx.run_id, "demo_data"))
+    if outputs is None:
+        raise RuntimeError(
+            f"run {ctx.run_id} has no source and no committed demo_data output; set the "
+            "'source' param or let the demo_data task run first"
+        )
+    return outputs
+
+
+# --------------------------------------------------------------------------- the ends
+
+
+def start(params: dict[str, Any], airflow_run_id: str) -> dict[str, Any]:
+    """Open the pipeline's parent MLflow run (once per run id) and return the run handle."""
+    from components.core import tracking
+
+    cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
+    run_id = sanitize_run_id(airflow_run_id)
+    track = bool(params.get("track", True))
+    parent = tracking.pipeline_run(cfg, PIPELINE, run_id) if track else None
+    return {"run_id": run_id, "parent_run_id": parent, "track": track}
+
+
+def finish(params: dict[str, Any], run: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
+    """Close the parent run with the pipeline's status and write the run's summary.
+
+    ``states`` maps every task id of the DAG run to its state; the pipeline FAILED when any
+    task failed (``failed``) or could not run because an upstream one did (``not_run``). The
+    summary holds every committed step's outputs and goes to ``runs/{run_id}/summary.json`` and
+    ``{store}/latest/pipeline.json``.
+    """
+    cfg, ctx = resolve(params, run)
+    failed = sorted(task for task, state in states.items() if state == "failed")
+    not_run = sorted(task for task, state in states.items() if state == "upstream_failed")
+    status = "FAILED" if failed or not_run else "FINISHED"
+    steps = {}
+    for task in sorted(states):
+        outputs = runner.committed_outputs(runner.step_uri(cfg, ctx.run_id, task))
+        if outputs is not None:
+            steps[task] = outputs
+    summary = {"run_id": ctx.run_id, "profile": cfg.profile, "status": status, "failed": failed}
+    summary["not_run"] = not_run
+    summary.update(steps)
+    if ctx.track and ctx.parent_run_id:
+        from components.core import tracking
+
+        rev = steps.get("version", {}).get("dataset_rev")
+        tracking.finish_pipeline_run(ctx.parent_run_id, status, dataset_rev=rev)
+        summary["mlflow_parent_run_id"] = ctx.parent_run_id
+    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
+    storage.write_text(storage.join(cfg.store_uri(), "runs", ctx.run_id, "summary.json"), text)
+    storage.write_text(storage.join(cfg.store_uri(), "latest", "pipeline.json"), text)
+    return summary

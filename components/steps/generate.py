@@ -1,0 +1,118 @@
+"""Sample clips from a trained model: the ``generate`` step (``tessera generate``; the DAG's
+sample videos).
+
+``model`` is a model directory URI (local, ``file://`` or ``s3://``) holding ``vae/`` and
+``dit/`` (the train_dit output; see :mod:`components.core.artifacts`). Sampling settings come
+from ``cfg.generate``, the text encoder from ``cfg.text`` (the one the DiT was trained with).
+
+Outputs in ``workdir``: ``samples/<i>_<aspect>.mp4`` (``.png`` for ``image``; the ``:`` of an
+aspect is written ``x``, e.g. ``0_16x9.mp4``) — every prompt at every aspect, prompt ``i`` with
+seed ``generate.seed + i`` — and ``samples.json``, one entry per file: prompt, aspect, size
+``[frames, height, width]``, seed, sampler settings and the path relative to the step dir.
+
+All clips are sampled in packed batches (:func:`components.core.artifacts.sample`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from components.core import artifacts, media
+from components.core.config import TesseraConfig
+from components.core.runner import StepResult, StepSpec
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+SAMPLES_JSON = "samples.json"
+# What the pipeline samples after training: landscape, portrait, square and a still.
+SAMPLE_PROMPTS = (
+    "a red circle bouncing on a blue background",
+    "a yellow square sliding left over a green gradient",
+)
+SAMPLE_ASPECTS = ("16:9", "9:16", "1:1", "image")
+
+
+def aspect_slug(aspect: str) -> str:
+    """``"16:9"`` -> ``"16x9"``: a file-name-safe aspect."""
+    return aspect.replace(":", "x")
+
+
+def run(
+    cfg: TesseraConfig,
+    workdir: Path,
+    model: str,
+    prompts: Sequence[str] = SAMPLE_PROMPTS,
+    aspects: Sequence[str] = SAMPLE_ASPECTS,
+    frames: int | None = None,
+) -> StepResult:
+    """Sample every prompt at every aspect; see the module docstring for the outputs.
+
+    Args:
+        model: URI of a directory holding ``vae/`` and ``dit/``.
+        prompts: texts; prompt ``i`` uses seed ``cfg.generate.seed + i`` at every aspect.
+        aspects: names of ``model.generate.ASPECTS`` or ``"W:H"``; ``"image"`` gives one frame.
+        frames: wanted frames, rounded up to the next ``1 + 4k`` (VAE temporal factor);
+            default ``generate.sample_frames``.
+    """
+    from model.generate import parse_aspect
+
+    workdir = Path(workdir)
+    gcfg = cfg.generate
+    frames = gcfg.sample_frames if frames is None else frames
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"generate needs at least one non-empty prompt, got {prompts!r}")
+    if not aspects:
+        raise ValueError("generate needs at least one aspect, e.g. 16:9")
+    for aspect in aspects:
+        parse_aspect(aspect)  # fail before loading any weights
+    if len(set(aspects)) != len(aspects):
+        raise ValueError(f"aspects repeat: {aspects}; each (prompt, aspect) names one file")
+
+    with artifacts.model_dir(model) as directory:
+        generator = artifacts.load_generator(cfg, directory)
+    entries, requests = [], []
+    for i, prompt in enumerate(prompts):
+        for aspect in aspects:
+            size = generator.video_size(aspect, frames)
+            seed = gcfg.seed + i
+            requests.append(
+                {
+                    "prompt": prompt,
+                    "frames": size[0],
+                    "height": size[1],
+                    "width": size[2],
+                    "seed": seed,
+                }
+            )
+            entries.append(
+                {
+                    "index": i,
+                    "prompt": prompt,
+                    "aspect": aspect,
+                    "size": list(size),
+                    "seed": seed,
+                    "steps": gcfg.steps,
+                    "guidance": gcfg.guidance,
+                    "sampler": gcfg.sampler,
+                }
+            )
+    videos, seconds = artifacts.sample(generator, cfg, requests)
+    for entry, video in zip(entries, videos, strict=True):
+        name = f"{entry['index']}_{aspect_slug(entry['aspect'])}"
+        path = media.save_video(video, workdir / SAMPLES_DIR / name)
+        entry["path"] = path.relative_to(workdir).as_posix()
+    (workdir / SAMPLES_JSON).write_text(json.dumps(entries, indent=2) + "\n")
+    log.info("generated %d clips in %.1f s", len(entries), seconds)
+    return StepResult(
+        files={"samples": SAMPLES_DIR, "samples_json": SAMPLES_JSON},
+        values={"num_samples": len(entries)},
+        metrics={"generate_seconds": seconds, "seconds_per_sample": seconds / len(entries)},
+        artifacts=[SAMPLES_DIR, SAMPLES_JSON],
+    )
+
+
+STEP = StepSpec("generate", run)
