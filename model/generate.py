@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from model.config import CONFIG_NAME, WEIGHTS_NAME
 from model.diffusion import SAMPLERS, FlowConfig, FlowMatching
 from model.dit import DiT
-from model.patches import clip_tokens, pack_grids, patchify, plan_packs, unpatchify
+from model.patches import clip_tokens, pack_grids, patchify, plan_packs, unpack_grids
 from model.vae import CausalVAE
 
 FLOW_CONFIG_NAME = "flow.json"  # the FlowConfig a DiT was trained with, next to its weights
@@ -365,8 +365,7 @@ class VideoGenerator:
             null_mask=null_mask,
             noise=torch.cat([tok for tok, _ in pieces]),
         )  # (N, D)
-        segments = tokens.split(torch.diff(cu_seqlens).tolist())
-        return [unpatchify(seg, grid, patch) for seg, grid in zip(segments, grids, strict=True)]
+        return unpack_grids(tokens, grids, patch)
 
     @torch.no_grad()
     def _generate(
@@ -625,8 +624,7 @@ class VideoGenerator:
             null_text=null,
             null_mask=null_mask,
         )  # (N, D)
-        segments = tokens.split(torch.diff(cu_seqlens).tolist())
-        return torch.stack([unpatchify(s, g, patch) for s, g in zip(segments, grids, strict=True)])
+        return torch.stack(unpack_grids(tokens, grids, patch))
 
     def _as_batch(self, video: Tensor) -> tuple[bool, Tensor]:
         if video.ndim not in (4, 5) or video.shape[-4] != 3:

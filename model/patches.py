@@ -258,6 +258,14 @@ def pack_grids(
     return coords, cu_seqlens_from([math.prod(g) for g in grids], device)
 
 
+def unpack_grids(
+    tokens: Tensor, grids: Sequence[Sequence[int]], patch_size: Sequence[int] = DEFAULT_PATCH_SIZE
+) -> list[Tensor]:
+    """Inverse of :func:`pack_grids`: packed tokens (N, D) of whole clips -> latents (c, t, h, w)."""
+    segments = tokens.split([math.prod(g) for g in grids])
+    return [unpatchify(seg, grid, patch_size) for seg, grid in zip(segments, grids, strict=True)]
+
+
 def pad_text(rows: Sequence[Tensor], masks: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """Text rows (L_b, D) with masks (L_b,) -> (B, L, D) zero-padded and (B, L) bool, L = max L_b:
     the text rows that go with a packed batch's clips, one per segment."""

@@ -3,15 +3,21 @@ import torch
 
 from model.patches import (
     PackedBatch,
+    clip_tokens,
+    cu_seqlens_from,
     drop_tokens,
     grid_shape,
+    pack_grids,
     pack_patches,
+    pad_text,
     pad_to_patch,
     patch_coords,
     patchify,
     plan_packs,
     real_token_fraction,
+    segment_ids,
     unpack,
+    unpack_grids,
     unpack_latents,
     unpatchify,
 )
@@ -126,3 +132,28 @@ def test_token_dropping_keeps_true_coordinates():
     assert drop_tokens(10, 0.99).sum() == 1  # never drops a whole clip
     with pytest.raises(ValueError, match="drop_rate"):
         drop_tokens(10, 1.0)
+
+
+def test_packed_sequence_helpers_agree_with_each_other():
+    grids = [(1, 2, 3), (2, 2, 2), (1, 1, 4)]
+    coords, cu = pack_grids(grids)
+    assert cu.tolist() == [0, 6, 14, 18] and torch.equal(cu, cu_seqlens_from([6, 8, 4]))
+    assert segment_ids(cu).tolist() == [0] * 6 + [1] * 8 + [2] * 4
+    assert torch.equal(coords[6:14], patch_coords((2, 2, 2)))
+    latents = [torch.randn(3, 2 * g[0], 2 * g[1], 2 * g[2]) for g in grids]
+    tokens = torch.cat([patchify(z, (2, 2, 2))[0] for z in latents])
+    for back, z in zip(unpack_grids(tokens, grids, (2, 2, 2)), latents, strict=True):
+        assert torch.equal(back, z)
+    assert (
+        clip_tokens((3, 4, 4, 6), (2, 2, 2)) == 12
+        and clip_tokens((3, 4, 4, 6), (2, 2, 2), 0.5) == 6
+    )
+
+
+def test_pad_text_keeps_each_row_and_masks_the_padding():
+    rows = [torch.ones(2, 5), torch.full((4, 5), 2.0)]
+    masks = [torch.tensor([True, True]), torch.tensor([True, True, True, False])]
+    text, mask = pad_text(rows, masks)
+    assert text.shape == (2, 4, 5) and mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0]]
+    assert torch.equal(text[0, :2], rows[0]) and not text[0, 2:].any()
+    assert torch.equal(text[1], rows[1])
