@@ -81,11 +81,12 @@ def step_command(name: str) -> Callable[[Callable[..., dict[str, Any]]], Callabl
             profile, overrides = kwargs.pop("profile"), kwargs.pop("overrides")
             run_id, no_track = kwargs.pop("run_id"), kwargs.pop("no_track")
             cfg = _config(profile, overrides)
-            ctx = runner.RunContext(run_id, "cli", None, not no_track) if run_id else None
-            ctx = ctx or runner.RunContext.new("cli", track=not no_track)
-            step = spec(name)
-            run = runner.run_mapped if step.plan else runner.run_step
-            outputs = run(step, cfg, ctx, **fn(**kwargs))
+            track = not no_track
+            if run_id:
+                ctx = runner.RunContext(run_id, "cli", None, track)
+            else:
+                ctx = runner.RunContext.new("cli", track=track)
+            outputs = runner.run_in_process(spec(name), cfg, ctx, **fn(**kwargs))
             typer.echo(json.dumps(outputs, indent=2, sort_keys=True, default=str))
 
         params = [*signature.parameters.values(), *_RUN_OPTIONS]

@@ -15,7 +15,7 @@ directory) and returns their names plus small values and metrics. :func:`run_ste
 
 A step whose work splits into independent parts (``spec.plan`` / ``spec.part``, e.g. encode's
 shards) runs each part as its own committed transaction (:func:`run_part`, mapped by Airflow),
-then ``spec.run`` gathers the parts' outputs into the step; :func:`run_mapped` does all three in
+then ``spec.run`` gathers the parts' outputs into the step; :func:`run_in_process` does all three in
 one process. Parts have no MLflow run of their own: the step's run reports them.
 
 The same calls serve the CLI, an Airflow task and a KFP component; only URIs and small values
@@ -160,10 +160,13 @@ def run_part(
     return _transaction(out, spec.name, cfg, ctx, body, inputs, False, keep_metrics=True)
 
 
-def run_mapped(
+def run_in_process(
     spec: StepSpec, cfg: TesseraConfig, ctx: RunContext, **inputs: Any
 ) -> dict[str, Any]:
-    """A step in parts, in this process: plan, every part, then the step over their outputs."""
+    """Any step in this process, as the CLI runs it: :func:`run_step`, and for a step in parts
+    its plan, every part, then the step over their outputs."""
+    if spec.plan is None:
+        return run_step(spec, cfg, ctx, **inputs)
     done = committed_outputs(step_uri(cfg, ctx.run_id, spec.name))
     if done is not None:
         return done

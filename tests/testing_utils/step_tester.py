@@ -28,11 +28,6 @@ class StepRun:
     outputs: dict[str, Any]
 
 
-def run(spec: StepSpec, cfg: TesseraConfig, ctx: RunContext, **inputs: Any) -> dict[str, Any]:
-    """A step as the CLI runs it: in parts where the spec has them."""
-    return (runner.run_mapped if spec.plan else runner.run_step)(spec, cfg, ctx, **inputs)
-
-
 def _refuse(*args: Any, **kwargs: Any) -> None:
     raise AssertionError("the step's work ran although the run must not reach it")
 
@@ -62,7 +57,9 @@ class StepTesterMixin:
     def step_run(self, step_home, step_inputs) -> StepRun:
         cfg = load_config(self.profile, list(self.overrides))
         ctx = RunContext.new("cli")
-        return StepRun(cfg, ctx, step_inputs, run(self.step, cfg, ctx, **step_inputs))
+        return StepRun(
+            cfg, ctx, step_inputs, runner.run_in_process(self.step, cfg, ctx, **step_inputs)
+        )
 
     def test_outputs_are_committed(self, step_run):
         out = step_run.outputs
@@ -76,7 +73,7 @@ class StepTesterMixin:
         outputs_json = storage.join(step_run.outputs["step_uri"], runner.OUTPUTS)
         before = storage.read_bytes(outputs_json)
         spec = dataclasses.replace(self.step, run=_refuse, part=self.step.part and _refuse)
-        again = run(spec, step_run.cfg, step_run.ctx, **step_run.inputs)
+        again = runner.run_in_process(spec, step_run.cfg, step_run.ctx, **step_run.inputs)
         assert again == step_run.outputs
         assert storage.read_bytes(outputs_json) == before
 
@@ -84,7 +81,7 @@ class StepTesterMixin:
         spec = dataclasses.replace(self.step, run=_refuse, part=self.step.part and _refuse)
         with pytest.raises(Exception, match=self.bad_config_error) as raised:
             cfg = load_config(self.profile, [*self.overrides, *self.bad_config])
-            run(spec, cfg, RunContext.new("cli"), **step_run.inputs)
+            runner.run_in_process(spec, cfg, RunContext.new("cli"), **step_run.inputs)
         assert not isinstance(raised.value, AssertionError), raised.value
 
     def test_mlflow_run_is_tagged_with_the_step_name(self, step_run):

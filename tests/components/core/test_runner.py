@@ -107,7 +107,7 @@ def test_a_step_in_parts_commits_each_part_and_reports_them_in_its_run(mlflow_en
         {"word": "a", "index": 0},
         {"word": "bb", "index": 1},
     ]
-    out = runner.run_mapped(WORDS, cfg, ctx, words=["a", "bb", "ccc"])
+    out = runner.run_in_process(WORDS, cfg, ctx, words=["a", "bb", "ccc"])
     assert storage.read_text(out["all"]) == "a bb ccc" and out["parts"] == 3
     first = runner.part_uri(cfg, "parts-1", "words", {"index": 0})
     assert storage.is_committed(first)
@@ -123,8 +123,8 @@ def test_a_retried_step_in_parts_redoes_only_the_missing_parts(tessera_home):
     pieces = runner.plan_parts(WORDS, cfg, words=["a", "bb"])
     runner.run_part(WORDS, cfg, ctx, pieces[0], words=["a", "bb"])  # then the task died
     CALLS.clear()
-    runner.run_mapped(WORDS, cfg, ctx, words=["a", "bb"])
+    runner.run_in_process(WORDS, cfg, ctx, words=["a", "bb"])
     assert CALLS == ["part bb", "gather"]
     CALLS.clear()
-    runner.run_mapped(WORDS, cfg, ctx, words=["a", "bb"])
+    runner.run_in_process(WORDS, cfg, ctx, words=["a", "bb"])
     assert CALLS == []  # a finished step in parts is a no-op too
