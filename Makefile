@@ -17,11 +17,11 @@ setup: $(STAMP)
 
 # Re-runs only when the project's dependencies change. torch comes from pip first (the CPU build
 # on this disk; a bare `torch` would pull a multi-GB CUDA build), then uv installs the locked rest.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt excludes.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "torch==2.13.0" setuptools wheel "uv==$(UV_VERSION)"
-	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt \
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt --excludes excludes.txt \
 		--no-build-isolation-package deepspeed -e '.[dev]'
 	touch $@
 
@@ -53,6 +53,6 @@ distclean: clean
 
 # Re-resolve the exact versions after editing pyproject.toml's dependencies (needs the network).
 lock: $(STAMP)
-	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 --excludes excludes.txt \
 		--no-build-isolation-package deepspeed --no-header --no-annotate -o constraints.txt
 	sed -i 's/^torch==2.13.0+cpu$$/torch==2.13.0/' constraints.txt
