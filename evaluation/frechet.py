@@ -12,7 +12,8 @@ near-singular covariances (fewer samples than feature dimensions), where ``sqrtm
 goes complex or needs an ``eps`` on the diagonal.
 
 The covariance divisor is explicit and recorded: ``ddof=1`` (N − 1, unbiased; numpy's ``np.cov``,
-pytorch-fid, torch-fidelity, StyleGAN-V) is the default, ``ddof=0`` (N) is available.
+pytorch-fid, torch-fidelity) is the default; ``ddof=0`` (N) is what StyleGAN-V and cd-fvd compute
+(their ``FeatureStats.get_mean_cov``: ``E[xxᵀ] − μμᵀ``), so FVD (:mod:`evaluation.fvd`) uses it.
 Pure NumPy; no model, storage or tracking imports.
 """
 
