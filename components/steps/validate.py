@@ -17,7 +17,8 @@ videos), ``aspect`` (width / height) and ``is_val`` (its mean is the val fractio
 
 Outputs in ``workdir``: ``manifest.parquet`` (passing rows, input schema and order),
 ``quarantine.parquet`` (input quarantine + new rows), ``validation_result.json`` and
-``data_docs/`` (the GX Data Docs site, ``index.html`` at its root).
+``data_docs/`` (the GX Data Docs site, ``index.html`` at its root; its CSS/JS are copied into the
+site by :func:`components.core.webassets.vendor_assets`, so the pages also work offline).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from components.core import manifest as mf
+from components.core import webassets
 from components.core.config import TesseraConfig, ValidateConfig, to_dict
 from components.core.runner import StepResult, StepSpec
 
@@ -171,6 +173,7 @@ def run(
     suite = build_suite(vcfg)
     docs_dir = workdir / "data_docs"
     suite_result = _run_checkpoint(suite, frame, docs_dir)
+    webassets.vendor_assets(docs_dir)  # no CDN: the pages load their CSS/JS from the site
     result_json = suite_result.to_json_dict()
     outcomes = [_outcome(r, rows_in) for r in result_json["results"]]
 
