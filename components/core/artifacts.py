@@ -10,6 +10,7 @@ long as the ``with`` block.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from components.core import storage
 from components.core.config import TesseraConfig
 
 if TYPE_CHECKING:
+    from evaluation.domain import DomainScorer
     from model.generate import VideoGenerator
     from model.vae import CausalVAE
 
@@ -100,6 +102,59 @@ def load_text_encoder(cfg: TesseraConfig) -> Any:
     from model.text import load_text_encoder as load
 
     return load(cfg.text.encoder, max_length=cfg.text.max_length)
+
+
+EVALUATOR_DIR = "evaluator"
+
+
+def load_evaluator(
+    uri: str,
+    cfg: TesseraConfig,
+    device: Any = "cpu",
+    *,
+    text_encoder: Any = None,
+    max_frames: int | None = None,
+) -> DomainScorer:
+    """The in-domain evaluator (``fvd_domain``, ``clip_score_domain``) as a
+    :class:`~evaluation.domain.DomainScorer`, from the train_evaluator step's ``evaluator``
+    directory or a directory holding ``evaluator/`` (local path, ``file://`` or ``s3://``).
+
+    The text encoder is the one the evaluator was trained with (its config's ``text_encoder``
+    and ``text_max_length``, through :func:`load_text_encoder`), unless ``text_encoder`` is
+    given; ``sha256`` is that of the weights file. ``max_frames`` defaults to
+    ``cfg.train_evaluator.max_frames``.
+    """
+    import dataclasses
+
+    from evaluation.domain import DomainScorer
+    from model.config import WEIGHTS_NAME
+    from model.evaluator import VideoTextModel
+
+    found = None
+    for candidate in (uri, storage.join(uri, EVALUATOR_DIR)):
+        if storage.exists(storage.join(candidate, MODEL_CONFIG)):
+            found = candidate
+            break
+    if found is None:
+        raise FileNotFoundError(
+            f"no evaluator ({MODEL_CONFIG} + {WEIGHTS_NAME}) in {uri} or {uri}/{EVALUATOR_DIR}; "
+            "pass the train_evaluator step's 'evaluator' output"
+        )
+    with local_tree(found) as path:
+        model = VideoTextModel.from_pretrained(path, device=device)
+        digest = hashlib.sha256()
+        with open(path / WEIGHTS_NAME, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    if text_encoder is None:
+        trained = dataclasses.replace(
+            cfg.text, encoder=model.config.text_encoder, max_length=model.config.text_max_length
+        )
+        text_encoder = load_text_encoder(dataclasses.replace(cfg, text=trained))
+    if hasattr(text_encoder, "to"):
+        text_encoder = text_encoder.to(device)
+    frames = cfg.train_evaluator.max_frames if max_frames is None else max_frames
+    return DomainScorer(model, text_encoder, digest.hexdigest(), max_frames=frames, device=device)
 
 
 def default_device() -> Any:

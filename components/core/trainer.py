@@ -41,7 +41,7 @@ from components.core.hardware import CPU_BF16_MIN_SPEEDUP, cpu_bf16_speedup
 
 # Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
 # progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
-PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"[rank0]:", b"Traceback")
+PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"train_evaluator:", b"[rank0]:", b"Traceback")
 
 
 class TrainingFailed(RuntimeError):
