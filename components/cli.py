@@ -188,6 +188,15 @@ def train_dit(
     return {"latents": latents, "vae": vae}
 
 
+@step_command("train_evaluator")
+def train_evaluator(
+    manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
+) -> dict:
+    """Train the in-domain video-text evaluator (fvd_domain, clip_score_domain) and check it on
+    held-out clips: retrieval vs chance, FVD under corruption, CLIP score vs shuffled captions."""
+    return {"manifest": manifest}
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -228,25 +237,40 @@ def edit(
     return {"model": model, "input": input, "prompt": prompt, "strength": strength}
 
 
-@step_command("prompt_eval")
-def prompt_eval(
-    model: ModelDir,
+@step_command("evaluate")
+def evaluate(
+    manifest: Annotated[
+        str, typer.Option(help="Versioned manifest (the version step's); its val split is real.")
+    ],
+    model: Annotated[
+        str, typer.Option(help="Model directory with vae/ and dit/ (train_dit's output).")
+    ] = "",
+    videos: Annotated[
+        str,
+        typer.Option(help="Instead of a model: a folder of generated videos (+ prompts.jsonl)."),
+    ] = "",
+    evaluator: Annotated[
+        str, typer.Option(help="train_evaluator's output: fvd_domain and clip_score_domain.")
+    ] = "",
     corpus: Annotated[
         str,
         typer.Option(
-            help="A demo-data output directory (clips/, captions.parquet, factors.parquet)."
+            help="A demo-data output directory: domain prompts, colour following and framing."
         ),
-    ],
+    ] = "",
+    scaling: Annotated[str, typer.Option(help="A scaling-law plot (PNG) for the report.")] = "",
 ) -> dict:
-    """Colour-following check: recoloured corpus captions, same seed, colour read back."""
+    """FVD, CLIP score, reconstruction, colour following and framing; writes report.html."""
     from components.core import demo_corpus, storage
 
-    return {
-        "model": model,
-        "clips": storage.join(corpus, demo_corpus.CLIPS_DIR),
-        "captions": storage.join(corpus, demo_corpus.CAPTIONS_FILE),
-        "factors": storage.join(corpus, demo_corpus.FACTORS_FILE),
-    }
+    inputs = {"manifest": manifest, "model": model, "videos": videos, "evaluator": evaluator}
+    if corpus:
+        inputs |= {
+            "clips": storage.join(corpus, demo_corpus.CLIPS_DIR),
+            "captions": storage.join(corpus, demo_corpus.CAPTIONS_FILE),
+            "factors": storage.join(corpus, demo_corpus.FACTORS_FILE),
+        }
+    return inputs | ({"scaling": scaling} if scaling else {})
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -310,20 +334,29 @@ def _print_summary(summary: dict) -> None:
         f"{'n/a' if holdout is None else f'{holdout:.2f}'} dB)",
         "model": summary["train_dit"].get("model", summary["train_dit"]["dit"]),
         "samples": summary["generate"]["samples"],
-        "colour following": _colour_line(summary.get("prompt_eval")),
+        "colour following": _colour_line(summary.get("evaluate")),
     }
+    if summary.get("evaluate"):
+        lines["evaluation"] = _metrics_line(summary["evaluate"])
+        lines["report"] = summary["evaluate"]["report"]
     for key, value in lines.items():
         typer.echo(f"  {key:<16} {value}")
 
 
 def _colour_line(evaluated: dict | None) -> str:
-    if not evaluated:
+    if not evaluated or "colour_accuracy" not in evaluated:
         return "skipped (the colour check runs on the rendered demo corpus)"
     return (
         f"accuracy {evaluated['colour_accuracy']:.2f} vs chance "
         f"{evaluated['colour_chance']:.2f} (p = {evaluated['colour_p_value']:.2g}, "
-        f"{evaluated['trials']} clips): {evaluated['result']}"
+        f"{evaluated['colour_trials']:.0f} clips)"
     )
+
+
+def _metrics_line(evaluated: dict) -> str:
+    names = [k for k in evaluated if k.startswith(("fvd_", "clip_score_", "framing_cut_share"))]
+    shown = [k for k in names if not k.endswith(("_n_real", "_n_fake", "_hessel", "_x100"))]
+    return ", ".join(f"{k} {evaluated[k]:.4g}" for k in shown[:6]) or "(no metrics)"
 
 
 # --------------------------------------------------------------------------- servers, bench

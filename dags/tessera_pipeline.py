@@ -22,9 +22,11 @@ that versioned dataset and are tagged with its revision. `train_vae` trains the 
 (DeepSpeed), `encode` encodes every clip at native size into latent shards (planned by
 `encode_plan`, mapped over `encode_shard`), `train_dit` trains the diffusion transformer on
 packed spacetime patches (DeepSpeed), `generate` renders sample videos at 16:9, 9:16, 1:1 and a
-still image, and `prompt_eval` scores how well generated clips follow the colour named in
-recoloured corpus captions (demo corpus only: skipped for a source). `finish` always runs: it
-ends the parent run FINISHED or FAILED and writes the run's summary.
+still image. `train_evaluator` trains the in-domain video–text model (the extractor of
+`fvd_domain` / `clip_score_domain`, validated on held-out clips), and `evaluate` samples the
+held-out captions and a fixed prompt set with fixed seeds and computes FVD, CLIP score, VAE
+reconstruction and, on the demo corpus, colour following and framing, writing `report.html`.
+`finish` always runs: it ends the parent run FINISHED or FAILED and writes the run's summary.
 
 Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a finished step is
 a no-op and a retry of a crashed one starts that step again (training resumes from its last
@@ -135,18 +137,26 @@ def tessera_pipeline():
 
         return tasks.run_task("generate", dict(params), run, model=dit["model"])
 
-    @task(execution_timeout=timedelta(hours=4))
-    def prompt_eval(run: dict, demo: dict, dit: dict, params=None) -> dict:
+    @task(execution_timeout=timedelta(hours=12))
+    def train_evaluator(run: dict, dataset: dict, params=None) -> dict:
         from components.orchestration import tasks
 
+        return tasks.run_task("train_evaluator", dict(params), run, manifest=dataset["manifest"])
+
+    @task(execution_timeout=timedelta(hours=6))
+    def evaluate(run: dict, dataset: dict, dit: dict, evaluator: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        raw = tasks.corpus(dict(params), run)
+        demo = {k: raw[k] for k in ("clips", "captions", "factors") if raw.get("factors")}
         return tasks.run_task(
-            "prompt_eval",
+            "evaluate",
             dict(params),
             run,
+            manifest=dataset["manifest"],
             model=dit["model"],
-            clips=demo["clips"],
-            captions=demo["captions"],
-            factors=demo["factors"],
+            evaluator=evaluator["evaluator"],
+            **demo,
         )
 
     @teardown
@@ -169,8 +179,10 @@ def tessera_pipeline():
     )
     latents = encode(run, shards)
     dit = train_dit(run, latents, vae)
+    evaluator = train_evaluator(run, dataset)
+    evaluated = evaluate(run, dataset, dit, evaluator)
     steps = [demo, ingested, validated, dataset, vae, latents, dit, generate(run, dit)]
-    steps.append(prompt_eval(run, demo, dit))
+    steps += [evaluator, evaluated]
     steps >> finish(run)
 
 

@@ -232,6 +232,65 @@ class TrainDiTConfig:
 
 
 @dataclass(frozen=True)
+class TrainEvaluatorConfig:
+    """The in-domain evaluator (``tessera train-evaluator``): a video-text contrastive model
+    whose video tower gives ``fvd_domain`` and whose pair gives ``clip_score_domain``."""
+
+    size: str = "evaluator-xs"  # a key of model.evaluator.EVALUATOR_SIZES
+    short_side: int = 48  # working resolution: frames resized to this short side, aspect kept
+    frames: int = 8  # frames per training window of a video (stills are one frame)
+    max_frames: int = 16  # frames the scorer reads from a clip (its first ones; 0 = all)
+    feature_dim: int = 128  # pre-projection video features (the FVD's)
+    embed_dim: int = 64  # joint video-text embedding (the CLIP score's)
+    crop_scale: float = 0.85  # random crops keep at least this share of each side (1: none)
+    short_caption_rate: float = 0.2  # share of samples trained on the short caption
+    video_share: float = 0.3  # videos repeated to make at least this share of samples
+    cache_mb: int = 512  # decoded, resized training clips kept in memory per process
+    eval_every: int = 100  # held-out contrastive loss and retrieval during training
+    scale_clips: int = 256  # training clips the FVD features' block scales are fitted on
+    val_clips: int = 0  # held-out clips the checks use (0: every val clip)
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0)  # corruption strengths of the FVD checks
+    bootstrap: int = 100  # resamples of each FVD's interval (0: none)
+    require_validated: bool = False  # fail the step when a required check fails
+    # fp32: its small convolutions ran ~1.4x slower under CPU bf16 autocast, even with AMX
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=600, micro_batch=32, lr=1e-3, weight_decay=0.05, warmup_steps=30, precision="fp32"
+        )
+    )
+
+    def __post_init__(self) -> None:
+        if self.short_side < 8 or self.frames < 1 or self.max_frames < 0:
+            raise ValueError(
+                "train_evaluator needs short_side >= 8, frames >= 1 and max_frames >= 0, got "
+                f"{self.short_side}, {self.frames}, {self.max_frames}"
+            )
+        for name in ("crop_scale",):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"train_evaluator.{name} must be in (0, 1], got {self.crop_scale}")
+        for name in ("short_caption_rate", "video_share"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(
+                    f"train_evaluator.{name} must be in [0, 1), got {getattr(self, name)}"
+                )
+        if not self.strengths or sorted(self.strengths) != list(self.strengths):
+            raise ValueError(
+                f"train_evaluator.strengths must be increasing, got {list(self.strengths)}"
+            )
+        if not all(0.0 < s <= 1.0 for s in self.strengths):
+            raise ValueError(
+                f"train_evaluator.strengths must be in (0, 1], got {list(self.strengths)}"
+            )
+        if self.scale_clips < 2:
+            raise ValueError(f"train_evaluator.scale_clips must be >= 2, got {self.scale_clips}")
+        if self.train.micro_batch < 2:
+            raise ValueError(
+                "train_evaluator.train.micro_batch must be >= 2: the contrastive loss needs "
+                f"negatives in the batch, got {self.train.micro_batch}"
+            )
+
+
+@dataclass(frozen=True)
 class GenerateConfig:
     """Sampling defaults (``tessera generate`` / ``tessera edit``)."""
 
@@ -245,20 +304,47 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
-class PromptEvalConfig:
-    """The colour-following check (``tessera eval-prompts``): corpus captions of one object on a
-    plain background, the colour word swapped through the palette, same seed per base."""
+class EvaluateConfig:
+    """The ``evaluate`` step: samples a fixed prompt set and held-out captions with fixed seeds and
+    computes every configured metric (names carry their feature extractor)."""
 
+    prompts: str = (
+        "auto"  # auto (domain with the demo corpus, else general) | domain | general | a .txt path
+    )
+    aspects: tuple[str, ...] = ("16:9", "9:16", "1:1", "image")  # every prompt at each
+    frames: int = 17  # of sampled videos (rounded to 1 + 4k); held-out clips are cut to match
+    max_real: int = 64  # held-out clips (the real side of FVD), spread over the val split
+    resamples: int = 200  # bootstrap resamples of every interval
+    confidence: float = 0.95
+    i3d: str = ""  # i3d_torchscript.pt (path or s3://): adds fvd_i3d (StyleGAN-V protocol)
+    i3d_frames: int = 16
+    i3d_stride: int = 1
+    videomae: str = ""  # VideoMAE-v2 TorchScript: adds fvd_videomae (content-debiased FVD)
+    clip: str = ""  # a Hugging Face CLIP dir, or an open_clip weights file with clip_model
+    clip_model: str = ""  # open_clip model name, e.g. ViT-B-32 (only with an open_clip file)
+    recon_clips: int = 8  # held-out clips the VAE reconstructs (PSNR, SSIM, rFVD)
+    report_examples: int = 4  # reconstruction examples shown in the report
+    # colour following and framing (demo corpus only)
     max_bases: int = 6  # base captions; each is tried with every contrasting palette colour
-    frames: int = 9  # of the video variants (images stay one frame)
+    colour_frames: int = 9  # of the video variants (images stay one frame)
     min_distance: float = 55.0  # RGB distance from the background that counts as foreground
+    framing_checks: int = 200  # corpus files the framing classifier is checked on first
 
     def __post_init__(self) -> None:
-        if self.max_bases < 1 or self.frames < 1 or self.min_distance <= 0:
+        if self.max_bases < 1 or self.colour_frames < 1 or self.min_distance <= 0:
             raise ValueError(
-                f"prompt_eval needs max_bases >= 1, frames >= 1 and min_distance > 0, got "
-                f"{self.max_bases}, {self.frames}, {self.min_distance}"
+                f"evaluate needs max_bases >= 1, colour_frames >= 1 and min_distance > 0, got "
+                f"{self.max_bases}, {self.colour_frames}, {self.min_distance}"
             )
+        if self.frames < 1 or self.max_real < 2 or self.resamples < 0:
+            raise ValueError(
+                f"evaluate needs frames >= 1, max_real >= 2 and resamples >= 0, got "
+                f"{self.frames}, {self.max_real}, {self.resamples}"
+            )
+        if not 0 < self.confidence < 1:
+            raise ValueError(f"evaluate.confidence must be in (0, 1), got {self.confidence}")
+        if self.clip_model and not self.clip:
+            raise ValueError("evaluate.clip_model names an open_clip model: set evaluate.clip too")
 
 
 @dataclass(frozen=True)
@@ -288,8 +374,9 @@ class TesseraConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
+    train_evaluator: TrainEvaluatorConfig = field(default_factory=TrainEvaluatorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-    prompt_eval: PromptEvalConfig = field(default_factory=PromptEvalConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -317,6 +404,7 @@ class Environment:
     rank: int = 0  # set by torchrun / the deepspeed launcher in training processes
     world_size: int = 1
     local_rank: int = 0
+    node_modules: Path | None = None  # TESSERA_NODE_MODULES: the Data Docs' npm assets elsewhere
 
     @classmethod
     def read(cls) -> Environment:
@@ -330,6 +418,9 @@ class Environment:
             rank=int(os.environ.get("RANK", "0")),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            node_modules=Path(os.environ["TESSERA_NODE_MODULES"])
+            if os.environ.get("TESSERA_NODE_MODULES")
+            else None,
         )
 
 

@@ -270,7 +270,8 @@ FACTORS_SCHEMA = pa.schema(
         ("background_colors", pa.string()),  # "navy" or "navy,black"
         ("camera", pa.string()),
         ("num_objects", pa.int32()),
-        ("objects", pa.string()),  # JSON list of every object's factors
+        ("objects", pa.string()),  # JSON list of every object's factors (+ start x, y, phase)
         ("captioned", pa.bool_()),
+        ("primary_cut", pa.bool_()),  # the main object is cut by the frame edge in some frame
     ]
 )

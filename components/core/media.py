@@ -120,7 +120,15 @@ def add_video_stream(
     """A yuv420p video stream with Tessera's encoder settings (see the module docstring)."""
     stream = container.add_stream(codec, rate=rate)
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    if codec == "libx264":
+    if codec == "libvpx-vp9":  # the web formats' codec (report pages): constant quality
+        stream.options = {
+            "crf": "32",
+            "b": "0",
+            "deadline": "good",
+            "cpu-used": "5",
+            "threads": "1",
+        }
+    elif codec == "libx264":
         # mbtree=0: with MB-tree on, the x264 in PyAV 18.1's wheel encodes the same small
         # frames differently from run to run (measured); without it the bytes are reproducible.
         # One thread: the CPUs are shared with other workers.
@@ -132,12 +140,15 @@ def add_video_stream(
 
 
 def encode_video(path: Path, frames: np.ndarray, fps: float, codec: str | None = None) -> Path:
-    """Write (T, H, W, 3) uint8 RGB ``frames`` to an mp4 at ``fps`` (yuv420p: even sizes)."""
+    """Write (T, H, W, 3) uint8 RGB ``frames`` at ``fps`` (yuv420p: even sizes): an mp4, or a
+    VP9 WebM when ``path`` ends in ``.webm`` (what every browser plays, for report pages)."""
     t, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"{Path(path).name}: yuv420p needs even sizes, got {w}x{h}")
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = add_video_stream(container, codec or video_codec(), int(fps), w, h)
+    webm = Path(path).suffix.lower() == ".webm"
+    codec = "libvpx-vp9" if webm else codec or video_codec()
+    with av.open(str(path), "w", format="webm" if webm else "mp4") as container:
+        stream = add_video_stream(container, codec, int(fps), w, h)
         for i in range(t):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
             frame.pts = i

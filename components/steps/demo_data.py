@@ -473,12 +473,36 @@ def _factor_row(spec: ClipSpec) -> dict:
                     "size": o.size,
                     "texture": o.texture,
                     "motion": o.motion,
+                    "x": round(o.x, 4),
+                    "y": round(o.y, 4),
+                    "phase": round(o.phase, 4),
                 }
                 for o in spec.objects
             ]
         ),
         "captioned": spec.captioned,
+        "primary_cut": object_cut(spec, 0),
     }
+
+
+def object_cut(spec: ClipSpec, index: int = 0) -> bool:
+    """Whether object ``index`` is cut by the frame edge in any frame: some pixel on the border
+    of the frame is covered by it (the renderer's alpha > 0.5, i.e. signed distance < 0), or it
+    has left the view. The ground truth the framing metric's classifier is checked against."""
+    t, h, w = spec.num_frames, spec.height, spec.width
+    s = np.linspace(0.0, 1.0, t, dtype=np.float32) if t > 1 else np.zeros(1, np.float32)
+    obj = spec.objects[index]
+    cx, cy, r = _trajectory(obj, s, spec.speed, w, h)
+    cx = cx - _camera_offset(spec, s)
+    xs, ys = np.arange(w, dtype=np.float32) + 0.5, np.arange(h, dtype=np.float32) + 0.5
+    for i in range(t):
+        if cx[i] + r[i] <= 0 or cx[i] - r[i] >= w or cy[i] + r[i] <= 0 or cy[i] - r[i] >= h:
+            return True  # out of view
+        rows = _shape_distance(obj.shape, xs[None, :] - cx[i], ys[[0, -1], None] - cy[i], r[i])
+        cols = _shape_distance(obj.shape, xs[[0, -1], None] - cx[i], ys[None, :] - cy[i], r[i])
+        if (rows < 0).any() or (cols < 0).any():
+            return True
+    return False
 
 
 def write_broken_files(clips: Path, specs: list[ClipSpec]) -> list[str]:

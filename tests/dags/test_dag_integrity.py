@@ -40,7 +40,7 @@ print(json.dumps({
 }))
 """
 STEPS = ["demo_data", "ingest", "validate", "version", "train_vae", "encode", "train_dit"]
-STEPS += ["generate", "prompt_eval"]
+STEPS += ["generate", "train_evaluator", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +84,11 @@ def test_pipeline_shape(dagbag):
     for edge in itertools.pairwise(chain):
         assert edge in edges, edge
     assert {("version", "encode_plan"), ("encode_plan", "encode_shard")} <= edges
-    assert {("train_dit", "prompt_eval"), ("demo_data", "prompt_eval")} <= edges
+    assert {("train_dit", "evaluate"), ("train_evaluator", "evaluate")} <= edges
+    assert ("version", "train_evaluator") in edges
     assert dagbag["mapped"] == ["encode_shard"]
     # every task reports to finish, directly or through its descendants
-    assert {t for t, d in edges if d == "finish"} >= {"prompt_eval", "generate", "demo_data"}
+    assert {t for t, d in edges if d == "finish"} >= {"evaluate", "generate", "demo_data"}
 
 
 def test_finish_always_runs_and_closes_the_run(dagbag):

@@ -19,7 +19,7 @@ from components.core.config import load_config
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
 STEPS = {"demo_data", "ingest", "validate", "version", "train_vae", "encode", "train_dit"}
-STEPS |= {"generate", "prompt_eval"}
+STEPS |= {"generate", "train_evaluator", "evaluate"}
 
 
 def tessera_run(home: Path, mlflow_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -116,13 +116,16 @@ def test_dag_trains_and_samples(pipeline_run):
     assert wide[2] > wide[1] and tall[1] > tall[2]
 
 
-def test_dag_scores_colour_following(pipeline_run):
+def test_dag_evaluates_the_model(pipeline_run):
     _, summary, _ = pipeline_run
-    evaluated = summary["prompt_eval"]
+    evaluated = summary["evaluate"]
     result = json.loads(storage.read_text(evaluated["result"]))
-    assert evaluated["trials"] == len(result["trials"]) > 0
-    assert 0 < result["chance"] < 1 and 0 <= result["accuracy"] <= 1
-    assert storage.exists(evaluated["grid"])
+    colour = result["colour_following"]
+    assert evaluated["colour_trials"] == len(colour["trials"]) > 0
+    assert 0 < colour["chance"] < 1 and 0 <= colour["accuracy"] <= 1
+    assert "fvd_domain" in result["metrics"] and "clip_score_domain" in result["metrics"]
+    assert result["extractors"]["domain"] and storage.exists(evaluated["report"])
+    assert summary["train_evaluator"]["evaluator"]
 
 
 def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server):
@@ -178,7 +181,7 @@ def test_a_failed_task_fails_the_run_and_keeps_its_log(mlflow_server, tmp_path):
     assert "failed tasks ['train_dit']" in proc.stderr
     summary = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
     assert summary["status"] == "FAILED" and summary["failed"] == ["train_dit"]
-    assert summary["not_run"] == ["generate", "prompt_eval"]
+    assert summary["not_run"] == ["evaluate", "generate"]
     assert "train_dit" not in summary and "encode" in summary
     log = home / "checkpoints" / summary["run_id"] / "train_dit" / "train_dit.log"
     assert "raise train_dit.token_budget" in log.read_text()

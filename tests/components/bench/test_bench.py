@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from components.bench import BenchRecord, dit, load_cases, vae
+import pytest
+
+from components.bench import BenchRecord, dit, evaluate, load_cases, vae
 from components.core.config import BenchConfig, TesseraConfig
 
 CFG = TesseraConfig(bench=BenchConfig(warmup=0, repeats=1, matmul_size=64))
@@ -31,7 +33,21 @@ def test_cases_are_registered():
         "dit.sample",
         "vae.codec",
         "calibration.matmul_bf16",
+        "evaluate.step",
+        "fvd_features",
     } <= set(load_cases())
+
+
+@pytest.mark.slow
+def test_evaluate_step_tiny():
+    """The whole evaluate step on the tiny profile's corpus with random models; the peer (its
+    sampling seconds) is part of the same run, so it is at most the whole."""
+    records = evaluate.evaluate_step(
+        CFG, "tiny", ["ingest.val_fraction=0.5", "evaluate.resamples=10"]
+    )
+    check(records, "evaluate.step.tiny", 1)
+    assert records[0].peer_value <= records[0].value
+    assert "fvd_domain" in records[0].extra["metrics"]
 
 
 def test_dit_train_tiny():

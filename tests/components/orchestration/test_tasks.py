@@ -16,7 +16,7 @@ PARAMS = {"profile": "tiny", "overrides": [], "source": "", "captions": "", "tra
 
 
 def test_every_step_is_found_by_its_name():
-    for name in ("demo_data", "ingest", "encode", "train_dit", "prompt_eval"):
+    for name in ("demo_data", "ingest", "encode", "train_dit", "train_evaluator", "evaluate"):
         assert tasks.spec(name).name == name
     with pytest.raises(ModuleNotFoundError):
         tasks.spec("no_such_step")
