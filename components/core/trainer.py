@@ -28,16 +28,18 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from components.core.config import Environment, TesseraConfig, TrainConfig, to_dict
 from components.core.hardware import CPU_BF16_MIN_SPEEDUP, cpu_bf16_speedup
+
+T = TypeVar("T")
 
 # Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
 # progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
@@ -280,6 +282,34 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
 
 
 # --------------------------------------------------------------------------- the trainer
+
+
+class PositionedSampler(torch.utils.data.Sampler):
+    """Yields ``(global position, clip index)`` from a :class:`ResumableSampler` stream: a
+    dataset keyed by position draws the same random crop for a sample after a resume."""
+
+    def __init__(self, base: Any):
+        self.base = base
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        first, stride = self.base.start + self.base.rank, self.base.world_size
+        for k, index in enumerate(self.base):
+            yield first + k * stride, index
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def balance_kinds(items: Sequence[T], video_share: float, kind: Callable[[T], str]) -> list[T]:
+    """``items`` with every video (``kind(item) == "video"``) repeated as often as needed for
+    videos to make at least ``video_share`` of the list (0: as they come): a corpus rich in cheap
+    stills still trains the temporal layers on videos most of the time."""
+    videos = sum(kind(item) == "video" for item in items)
+    images = len(items) - videos
+    if video_share <= 0 or not videos or not images:
+        return list(items)
+    repeat = max(1, math.ceil(video_share / (1 - video_share) * images / videos))
+    return [item for item in items for _ in range(repeat if kind(item) == "video" else 1)]
 
 
 @dataclass

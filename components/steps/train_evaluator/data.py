@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,17 +70,6 @@ def select(items: Sequence[Item], te: TrainEvaluatorConfig) -> dict[str, Any]:
     if sum(i.captioned for i in val) < 2:
         val, source = train[: te.val_clips or 32], "train"
     return {"train": train, "val": val, "val_source": source}
-
-
-def balance_kinds(items: Sequence[Item], video_share: float) -> list[Item]:
-    """``items`` with every video repeated so that videos make at least ``video_share`` of the
-    list (0: as they come): a corpus of mostly stills still trains the temporal layers."""
-    videos = sum(i.clip.kind == "video" for i in items)
-    images = len(items) - videos
-    if video_share <= 0 or not videos or not images:
-        return list(items)
-    repeat = max(1, math.ceil(video_share / (1 - video_share) * images / videos))
-    return [i for i in items for _ in range(repeat if i.clip.kind == "video" else 1)]
 
 
 def read_view(clip: Clip, max_frames: int) -> np.ndarray:
@@ -266,21 +255,6 @@ class ViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         position, index = key
         return self.view(position, index)
-
-
-class PositionedSampler(torch.utils.data.Sampler):
-    """Yields ``(global position, clip index)`` from a ``ResumableSampler`` stream."""
-
-    def __init__(self, base: Any):
-        self.base = base
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        first, stride = self.base.start + self.base.rank, self.base.world_size
-        for k, index in enumerate(self.base):
-            yield first + k * stride, index
-
-    def __len__(self) -> int:
-        return len(self.base)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

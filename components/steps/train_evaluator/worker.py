@@ -14,9 +14,7 @@ import torch
 from components.core import trainer as tr
 from components.core.config import TesseraConfig, TrainEvaluatorConfig, from_dict
 from components.steps.train_evaluator.data import (
-    PositionedSampler,
     ViewDataset,
-    balance_kinds,
     collate,
     load_states,
     read_items,
@@ -87,8 +85,13 @@ def worker(payload: dict[str, Any]) -> None:
     client_state = trainer.resume() or {}
 
     picked = select(read_items(payload["manifest"]), te)
-    dataset = ViewDataset(balance_kinds(picked["train"], te.video_share), states, te, cfg.seed)
-    sampler = PositionedSampler(
+    dataset = ViewDataset(
+        tr.balance_kinds(picked["train"], te.video_share, lambda i: i.clip.kind),
+        states,
+        te,
+        cfg.seed,
+    )
+    sampler = tr.PositionedSampler(
         tr.ResumableSampler(
             len(dataset),
             seed=cfg.seed,

@@ -3,8 +3,7 @@ spatio-temporal crops of them at native size, a pure function of (seed, sample p
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,22 +46,10 @@ def select_clips(clips: Sequence[Clip], tv: TrainVAEConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- data
 
 
-def balance_kinds(clips: Sequence[Clip], video_share: float) -> list[Clip]:
-    """``clips`` with every video repeated as often as needed for videos to make up at least
-    ``video_share`` of the list (0: as they come). A corpus rich in cheap stills (which the DiT
-    wants) then still trains the VAE's temporal layers on videos most of the time."""
-    videos = sum(c.kind == "video" for c in clips)
-    images = len(clips) - videos
-    if video_share <= 0 or not videos or not images:
-        return list(clips)
-    repeat = max(1, math.ceil(video_share / (1 - video_share) * images / videos))
-    return [c for c in clips for _ in range(repeat if c.kind == "video" else 1)]
-
-
 class CropDataset(torch.utils.data.Dataset):
     """Random ``crop_frames`` x ``crop_size`` crops of native-size clips, keyed by position.
 
-    Indexing takes ``(position, clip index)`` (see :class:`PositionedSampler`) and returns
+    Indexing takes ``(position, clip index)`` (see :class:`components.core.trainer.PositionedSampler`) and returns
     ``video`` (3, crop_frames, crop_h, crop_w) in [-1, 1], replication-padded where the clip is
     smaller than the crop, and ``valid`` (3,) = the real (frames, height, width) at the front.
     Decoded clips are cached per process up to ``cache_mb``.
@@ -129,21 +116,6 @@ class CropDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         position, index = key
         return self.crop(position, index)
-
-
-class PositionedSampler(torch.utils.data.Sampler):
-    """Yields ``(global position, clip index)`` from a :class:`ResumableSampler` stream."""
-
-    def __init__(self, base: Any):
-        self.base = base
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        first, stride = self.base.start + self.base.rank, self.base.world_size
-        for k, index in enumerate(self.base):
-            yield first + k * stride, index
-
-    def __len__(self) -> int:
-        return len(self.base)
 
 
 def center_clip(

@@ -19,8 +19,6 @@ from components.core.config import TesseraConfig, TrainVAEConfig, from_dict
 from components.core.manifest import read_clips
 from components.steps.train_vae.data import (
     CropDataset,
-    PositionedSampler,
-    balance_kinds,
     center_clip,
     select_clips,
 )
@@ -117,13 +115,13 @@ def worker(payload: dict[str, Any]) -> None:
 
     clips = select_clips(read_clips(payload["manifest"]), tv)
     dataset = CropDataset(
-        balance_kinds(clips["train"], tv.video_share),
+        tr.balance_kinds(clips["train"], tv.video_share, lambda c: c.kind),
         tv.crop_frames,
         tv.crop_size,
         cfg.seed,
         tv.cache_mb,
     )
-    sampler = PositionedSampler(
+    sampler = tr.PositionedSampler(
         tr.ResumableSampler(
             len(dataset),
             seed=cfg.seed,

@@ -38,7 +38,7 @@ def test_training_clips_are_the_captioned_train_split(manifest):
     assert picked["train"] and all(i.captioned and i.clip.split == "train" for i in picked["train"])
     assert not any(i.clip.name.startswith("real_") for i in picked["train"])  # uncaptioned
     assert picked["val_source"] == "train"  # the tiny corpus has no captioned val clips
-    balanced = data.balance_kinds(picked["train"], 0.8)
+    balanced = trainer.balance_kinds(picked["train"], 0.8, lambda i: i.clip.kind)
     assert sum(i.clip.kind == "video" for i in balanced) / len(balanced) >= 0.8
 
 

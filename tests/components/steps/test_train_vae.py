@@ -78,7 +78,7 @@ def test_crops_keep_native_pixels_pad_small_clips_and_repeat_by_position(manifes
 
 def test_sampler_positions_follow_the_resumable_stream():
     base = ResumableSampler(5, seed=1, rank=1, world_size=2, start=6)
-    pairs = [p for _, p in zip(range(4), vae_data.PositionedSampler(base), strict=False)]
+    pairs = [p for _, p in zip(range(4), trainer.PositionedSampler(base), strict=False)]
     full = [i for _, i in zip(range(16), ResumableSampler(5, seed=1), strict=False)]
     assert [pos for pos, _ in pairs] == [7, 9, 11, 13]
     assert [idx for _, idx in pairs] == [full[7], full[9], full[11], full[13]]
@@ -95,9 +95,9 @@ def test_holdout_clips_are_never_trained_on(manifest):
 
 def test_video_share_repeats_videos_in_an_image_rich_corpus(manifest):
     train = vae_data.select_clips(read_clips(manifest), load_config("tiny").train_vae)["train"]
-    assert vae_data.balance_kinds(train, 0.0) == train
+    assert trainer.balance_kinds(train, 0.0, lambda c: c.kind) == train
     for share in (0.5, 0.8, 0.95):
-        balanced = vae_data.balance_kinds(train, share)
+        balanced = trainer.balance_kinds(train, share, lambda c: c.kind)
         videos = [c for c in balanced if c.kind == "video"]
         assert len(videos) / len(balanced) >= share
         assert {c.uri for c in balanced} == {c.uri for c in train}  # nothing dropped
