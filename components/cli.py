@@ -355,7 +355,8 @@ def _colour_line(evaluated: dict | None) -> str:
 
 def _metrics_line(evaluated: dict) -> str:
     names = [k for k in evaluated if k.startswith(("fvd_", "clip_score_", "framing_cut_share"))]
-    shown = [k for k in names if not k.endswith(("_n_real", "_n_fake", "_hessel", "_x100"))]
+    extras = ("_n_real", "_n_fake", "_n_frames", "_n_samples", "_hessel", "_torchmetrics")
+    shown = [k for k in names if not k.endswith(extras)]
     return ", ".join(f"{k} {evaluated[k]:.4g}" for k in shown[:6]) or "(no metrics)"
 
 
