@@ -217,8 +217,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def apply_rope_cis(x: Tensor, freqs_cis: Tensor) -> Tensor:
     """:func:`apply_rope` with ``freqs_cis = cos + i sin`` (N, head_dim/2) complex64, built once
-    per forward: one complex multiply instead of six real kernels and a stack (~10x faster on CPU,
-    forward + backward)."""
+    per forward. Eagerly one complex multiply instead of six real kernels and a stack (~10x faster
+    on CPU, forward + backward); under ``torch.compile`` the real form, which inductor fuses into
+    one kernel (it has no fused complex arithmetic)."""
+    if torch.compiler.is_compiling():
+        pairs = x.float().unflatten(-1, (-1, 2))  # (N, H, hd/2, 2)
+        even, odd = pairs[..., 0], pairs[..., 1]  # (N, H, hd/2)
+        cos, sin = freqs_cis.real[:, None], freqs_cis.imag[:, None]  # (N, 1, hd/2)
+        out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+        return out.flatten(-2).type_as(x)  # (N, H, hd)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (N, H, hd/2) complex
     out = torch.view_as_real(pairs * freqs_cis[:, None])  # (N, H, hd/2, 2)
     return out.flatten(-2).type_as(x)  # (N, H, hd)
@@ -247,15 +254,12 @@ class SelfAttention(nn.Module):
         self.q_norm, self.k_norm = _qk_norm(cfg), _qk_norm(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: Tensor, rope: Tensor, ctx: AttentionContext) -> Tensor:
-        """x: (N, D) packed tokens, or (B, L, D) when every clip has L tokens -> x's shape."""
+    def qkv_heads(self, x: Tensor, rope: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., D) -> q, k, v (N, H, hd): projected, QK-normed, q and k rotated by ``rope``."""
         q, k, v = rearrange(
             self.qkv(x), "... (three h d) -> three (...) h d", three=3, h=self.num_heads
         )  # (N, H, hd)
-        q = apply_rope_cis(self.q_norm(q), rope)  # (N, H, hd)
-        k = apply_rope_cis(self.k_norm(k), rope)  # (N, H, hd)
-        out = segment_attention(q, k, v, ctx)  # (N, H, hd)
-        return self.proj(rearrange(out, "n h d -> n (h d)")).view(x.shape)  # (N, D) or (B, L, D)
+        return apply_rope_cis(self.q_norm(q), rope), apply_rope_cis(self.k_norm(k), rope), v
 
 
 class CrossAttention(nn.Module):
@@ -267,19 +271,24 @@ class CrossAttention(nn.Module):
         self.q_norm, self.k_norm = _qk_norm(cfg), _qk_norm(cfg)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def text_kv(self, text: Tensor) -> tuple[Tensor, Tensor]:
+    def text_kv(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, Lt, H, hd) of the real text tokens ``text`` (T, D), laid out by
+        ``mask`` (B, Lt) with T True entries; padding positions are zeros (and masked anyway)."""
         k, v = rearrange(
-            self.kv(text), "b l (two h d) -> two b l h d", two=2, h=self.num_heads
-        )  # (B, Lt, H, hd)
-        return self.k_norm(k), v
+            self.kv(text), "t (two h d) -> two t h d", two=2, h=self.num_heads
+        )  # (T, H, hd)
+        return _scatter_rows(self.k_norm(k), mask), _scatter_rows(v, mask)
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], ctx: AttentionContext) -> Tensor:
-        """x: (N, D) packed tokens, or (B, L, D) when every clip has L tokens -> x's shape."""
-        q = self.q_norm(
-            rearrange(self.q(x), "... (h d) -> (...) h d", h=self.num_heads)
-        )  # (N, H, hd)
-        out = text_attention(q, *kv, ctx)  # (N, H, hd)
-        return self.proj(rearrange(out, "n h d -> n (h d)")).view(x.shape)  # (N, D) or (B, L, D)
+    def query_heads(self, x: Tensor) -> Tensor:
+        """x (..., D) -> QK-normed queries (N, H, hd)."""
+        return self.q_norm(rearrange(self.q(x), "... (h d) -> (...) h d", h=self.num_heads))
+
+
+def _scatter_rows(rows: Tensor, mask: Tensor) -> Tensor:
+    """rows (T, ...) -> (B, Lt, ...) zeros with ``rows`` where ``mask`` (B, Lt) is True."""
+    out = rows.new_zeros(*mask.shape, *rows.shape[1:])
+    out[mask] = rows
+    return out
 
 
 # --------------------------------------------------------------------------- blocks
@@ -310,6 +319,11 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
+    # the parts of forward between the attention calls: pure tensor code that
+    # components.core.compile wraps in torch.compile (attention stays eager: its loop over clip
+    # runs would specialise a graph per pack layout)
+    compile_regions = ("self_attention_input", "cross_attention_input", "mlp_output")
+
     def forward(
         self,
         x: Tensor,
@@ -318,20 +332,55 @@ class DiTBlock(nn.Module):
         kv: tuple[Tensor, Tensor],
         ctx: AttentionContext,
     ) -> Tensor:
+        """x (N, D) packed tokens, c (B, D) per-clip conditioning -> (N, D)."""
         mod = self.adaLN_modulation(c)  # (B, 6D)
-        if ctx.uniform:  # equal-length clips: a (B, L, D) view, each clip's modulation broadcast
-            x, mod = x.view(mod.shape[0], -1, x.shape[-1]), mod[:, None]  # (B, L, D), (B, 1, 6D)
-        else:
-            # index_select, not mod[seg_ids]: its backward (index_add) is ~5x faster on CPU
-            mod = mod.index_select(0, ctx.seg_ids)  # (N, 6D): its clip's modulation per token
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(
-            6, dim=-1
-        )  # (N, D) or (B, 1, D) each
-        h = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, ctx)
-        x = torch.addcmul(x, gate_msa, h)  # x + gate * attention, like x
-        x = x + self.cross_attn(self.norm2(x), kv, ctx)
-        x = torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)))
-        return x.reshape(-1, x.shape[-1])  # (N, D)
+        q, k, v = self.self_attention_input(x, mod, rope, ctx.seg_ids, ctx.uniform)
+        attended = segment_attention(q, k, v, ctx)  # (N, H, hd)
+        x, q = self.cross_attention_input(x, mod, attended, ctx.seg_ids, ctx.uniform)
+        read = text_attention(q, *kv, ctx)  # (N, H, hd)
+        return self.mlp_output(x, mod, read, ctx.seg_ids, ctx.uniform)  # (N, D)
+
+    def self_attention_input(
+        self, x: Tensor, mod: Tensor, rope: Tensor, seg_ids: Tensor, uniform: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        xt, (shift, scale) = _per_token(x, mod, seg_ids, uniform, 0, 2)
+        return self.attn.qkv_heads(modulate(self.norm1(xt), shift, scale), rope)  # (N, H, hd) x3
+
+    def cross_attention_input(
+        self, x: Tensor, mod: Tensor, attended: Tensor, seg_ids: Tensor, uniform: bool
+    ) -> tuple[Tensor, Tensor]:
+        """x + gate * self-attention output -> (that (N, D), cross-attention queries (N, H, hd))."""
+        xt, (gate,) = _per_token(x, mod, seg_ids, uniform, 2, 3)
+        h = self.attn.proj(rearrange(attended, "n h d -> n (h d)")).view(xt.shape)
+        xt = torch.addcmul(xt, gate, h)  # x + gate * attention
+        return xt.reshape(x.shape), self.cross_attn.query_heads(self.norm2(xt))
+
+    def mlp_output(
+        self, x: Tensor, mod: Tensor, read: Tensor, seg_ids: Tensor, uniform: bool
+    ) -> Tensor:
+        """x + cross-attention output, then x + gate * MLP(modulated norm) -> (N, D)."""
+        xt, (shift, scale, gate) = _per_token(x, mod, seg_ids, uniform, 3, 6)
+        xt = xt + self.cross_attn.proj(rearrange(read, "n h d -> n (h d)")).view(xt.shape)
+        xt = torch.addcmul(xt, gate, self.mlp(modulate(self.norm3(xt), shift, scale)))
+        return xt.reshape(x.shape)
+
+
+def _per_token(
+    x: Tensor, mod: Tensor, seg_ids: Tensor, uniform: bool, first: int, end: int
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Tokens x (N, D) and modulation chunks ``first:end`` of mod (B, 6D) as per-token operands.
+
+    Equal-length clips: x as a (B, L, D) view and each chunk (B, 1, D), broadcast. Otherwise x
+    as is and chunks gathered per token (N, D) with ``index_select``, not ``mod[seg_ids]``: its
+    backward (index_add) is ~5x faster on CPU.
+    """
+    d = x.shape[-1]
+    mod = mod[:, first * d : end * d]  # (B, (end - first) D)
+    if uniform:
+        xt, mod = x.view(mod.shape[0], -1, d), mod[:, None]  # (B, L, D), (B, 1, kD)
+    else:
+        xt, mod = x, mod.index_select(0, seg_ids)  # (N, D), (N, kD)
+    return xt, mod.chunk(end - first, dim=-1)
 
 
 class FinalLayer(nn.Module):
@@ -416,8 +465,9 @@ class DiT(Pretrained, nn.Module):
             )
         text_mask = text_mask.bool()
         text = text.to(self.x_embedder.weight.dtype)
-        h = self.text_embedder(text)  # (B, Lt, D)
-        kv = [block.cross_attn.text_kv(h) for block in self.blocks]  # depth x 2 x (B, Lt, H, hd)
+        # only real tokens reach the projections (a pack's captions are ~45 % real tokens)
+        h = self.text_embedder(text[text_mask])  # (T, D)
+        kv = [block.cross_attn.text_kv(h, text_mask) for block in self.blocks]  # (B, Lt, H, hd)
         valid = [row.nonzero().squeeze(1) for row in text_mask]  # B x (Lb,)
         weight = text_mask.to(text.dtype).unsqueeze(-1)  # (B, Lt, 1)
         if self.pooled_embedder is not None:

@@ -111,6 +111,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     cpu_shm_comm: bool = False  # DeepSpeed's shared-memory CPU all-reduce (JIT-compiles a C++ op)
+    # torch.compile of the model's blocks (components.core.compile): auto = where the device has
+    # a compiler toolchain (a C++ compiler on CPU, Triton on CUDA); off = eager
+    compile: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):

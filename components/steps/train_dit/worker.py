@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from components.core import artifacts, media
+from components.core.compile import compile_regions, region_report
 from components.core.config import TesseraConfig, TrainDiTConfig, from_dict
 from components.core.hardware import peak_gflops
 from components.core.latents import read_index
@@ -218,6 +219,8 @@ def worker(payload: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and every attempt
     trainer = Trainer(DiT(config), train, checkpoint_dir, payload.get("mlflow_run_id"))
+    compiled = compile_regions(trainer.model, train.compile, trainer.device)
+    log.info("compile: %s", compiled["reason"])
     state = trainer.resume() or {}
     history: dict[str, Any] = state.get("history") or {"steps": [], "val": []}
     if state:
@@ -341,6 +344,7 @@ def worker(payload: dict[str, Any]) -> None:
             packs_per_step=packs_per_step,
             precision=precision(train),
             dit_config=config.to_dict(),
+            compile=region_report(compiled),
         )
         Path(payload["result"]).write_text(json.dumps(summary, indent=2, default=str))
 
