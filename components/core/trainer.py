@@ -141,9 +141,7 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    for name, value in cache_env(
-        Environment.read().home
-    ).items():  # compiled kernels survive retries
+    for name, value in cache_env(Environment.read().home).items():  # kernels survive retries
         env.setdefault(name, value)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
