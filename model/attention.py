@@ -39,7 +39,7 @@ class TextCache:
     """Text keys/values of every block, computed once per prompt batch and reused across steps.
 
     Attributes:
-        kv: per block ``(k, v)``, each (B, Lt, H, head_dim), k already QK-normed.
+        kv: per block ``(k, v)``, each (B, H, Lt, head_dim), k already QK-normed.
         mask: (B, Lt) bool, True for real text tokens.
         valid_index: per row, the int64 positions of its real text tokens.
         pooled: (B, D) projected pooled text added to the timestep embedding (zeros for rows
@@ -84,7 +84,8 @@ class SegmentRun:
     first: int  # index of its first clip
     count: int  # number of clips
     length: int  # tokens per clip
-    text_mask: Tensor | None  # (count, 1, 1, Lt) bool key mask, None when all text is real
+    text_len: int  # text keys its clips read: up to the run's last real text token
+    text_mask: Tensor | None  # (count, 1, 1, text_len) bool key mask, None when all are real
 
 
 def _flex_available() -> bool:
@@ -125,17 +126,25 @@ def _pad_to_block(x: Tensor, fill: float | int = 0) -> Tensor:
 
 
 def _segment_runs(seqlens: list[int], text: TextCache) -> list[SegmentRun]:
-    """Split the packed clips into runs of consecutive equal-length clips (see SegmentRun)."""
-    # rows without text attend to all of it (no NaN) and are zeroed by token_has_text
-    text_ok = text.mask | ~text.has_text[:, None]  # (B, Lt)
+    """Split the packed clips into runs of consecutive equal-length clips (see SegmentRun).
+
+    Each run reads text keys only up to its clips' last real token, not the pack's longest
+    caption: stills with short captions packed beside a long-captioned video skip the padding.
+    """
+    batch, text_len = text.mask.shape
+    positions = torch.arange(1, text_len + 1, device=text.mask.device)
+    ends = (text.mask * positions).amax(dim=1).tolist() if text_len else [0] * batch  # B ints
     runs, first = [], 0
     while first < len(seqlens):
         end = first + 1
         while end < len(seqlens) and seqlens[end] == seqlens[first]:
             end += 1
-        mask = text_ok[first:end]  # (count, Lt)
-        mask = None if bool(mask.all()) else mask[:, None, None, :]  # (count, 1, 1, Lt)
-        runs.append(SegmentRun(first, end - first, seqlens[first], mask))
+        keys = max(1, *ends[first:end])
+        mask = text.mask[first:end, :keys]  # (count, keys)
+        # rows without text attend to all of it (no NaN) and are zeroed by token_has_text
+        mask = mask | ~mask.any(dim=1, keepdim=True)
+        mask = None if bool(mask.all()) else mask[:, None, None, :]  # (count, 1, 1, keys)
+        runs.append(SegmentRun(first, end - first, seqlens[first], keys, mask))
         first = end
     return runs
 
@@ -252,7 +261,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) ->
 
 
 def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Tensor:
-    """Cross-attention of each clip's tokens q (N, H, hd) to its own text k, v (B, Lt, H, hd)."""
+    """Cross-attention of each clip's tokens q (N, H, hd) to its own text k, v (B, H, Lt, hd)."""
     if ctx.backend == "sdpa_segments":
         sizes, counts = [r.count * r.length for r in ctx.runs], [r.count for r in ctx.runs]
         outs = []
@@ -260,7 +269,7 @@ def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Te
             ctx.runs, q.split(sizes), k.split(counts), v.split(counts), strict=True
         ):
             qs = rearrange(qs, "(b n) h d -> b h n d", b=run.count)  # (count, H, L, hd)
-            ks, vs = (rearrange(s, "b l h d -> b h l d") for s in (ks, vs))  # (count, H, Lt, hd)
+            ks, vs = (s[:, :, : run.text_len] for s in (ks, vs))  # (count, H, text_len, hd)
             if _use_matmul_attention(qs, ks.shape[-2]):
                 out = matmul_attention(qs, ks, vs, run.text_mask)
             else:
@@ -269,14 +278,14 @@ def text_attention(q: Tensor, k: Tensor, v: Tensor, ctx: AttentionContext) -> Te
         out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, H, hd)
     elif ctx.backend == "dense_mask":
         q = rearrange(q, "n h d -> 1 h n d")  # (1, H, N, hd)
-        k, v = (rearrange(s, "b l h d -> 1 h (b l) d") for s in (k, v))  # (1, H, B*Lt, hd)
+        k, v = (rearrange(s, "b h l d -> 1 h (b l) d") for s in (k, v))  # (1, H, B*Lt, hd)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.cross_mask)  # (1, H, N, hd)
         out = rearrange(out, "1 h n d -> n h d")
     else:
         n = q.shape[0]
         q = rearrange(_pad_to_block(q), "n h d -> 1 h n d")  # (1, H, Npad, hd)
         k, v = (
-            rearrange(_pad_to_block(rearrange(s, "b l h d -> (b l) h d")), "m h d -> 1 h m d")
+            rearrange(_pad_to_block(rearrange(s, "b h l d -> (b l) h d")), "m h d -> 1 h m d")
             for s in (k, v)
         )
         out = _compiled_flex_attention()(q, k, v, block_mask=ctx.cross_mask)  # (1, H, Npad, hd)

@@ -272,8 +272,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
     def text_kv(self, text: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, Lt, H, hd) of the real text tokens ``text`` (T, D), laid out by
-        ``mask`` (B, Lt) with T True entries; padding positions are zeros (and masked anyway)."""
+        """Keys and values (B, H, Lt, hd) of the real text tokens ``text`` (T, D), laid out by
+        ``mask`` (B, Lt) with T True entries; padding positions are zeros (and masked anyway).
+
+        Heads before tokens: a run of clips' first keys, ``k[first:end, :, :keys]``, is then a
+        batch the attention matmuls read in place (no per-run copy)."""
         k, v = rearrange(
             self.kv(text), "t (two h d) -> two t h d", two=2, h=self.num_heads
         )  # (T, H, hd)
@@ -285,9 +288,10 @@ class CrossAttention(nn.Module):
 
 
 def _scatter_rows(rows: Tensor, mask: Tensor) -> Tensor:
-    """rows (T, ...) -> (B, Lt, ...) zeros with ``rows`` where ``mask`` (B, Lt) is True."""
-    out = rows.new_zeros(*mask.shape, *rows.shape[1:])
-    out[mask] = rows
+    """rows (T, H, hd) -> (B, H, Lt, hd) zeros with ``rows`` where ``mask`` (B, Lt) is True."""
+    batch, text_len = mask.shape
+    out = rows.new_zeros(batch, rows.shape[1], text_len, rows.shape[2])
+    out.transpose(1, 2)[mask] = rows
     return out
 
 
@@ -467,7 +471,7 @@ class DiT(Pretrained, nn.Module):
         text = text.to(self.x_embedder.weight.dtype)
         # only real tokens reach the projections (a pack's captions are ~45 % real tokens)
         h = self.text_embedder(text[text_mask])  # (T, D)
-        kv = [block.cross_attn.text_kv(h, text_mask) for block in self.blocks]  # (B, Lt, H, hd)
+        kv = [block.cross_attn.text_kv(h, text_mask) for block in self.blocks]  # (B, H, Lt, hd)
         valid = [row.nonzero().squeeze(1) for row in text_mask]  # B x (Lb,)
         weight = text_mask.to(text.dtype).unsqueeze(-1)  # (B, Lt, 1)
         if self.pooled_embedder is not None:

@@ -17,6 +17,17 @@ both with random weights, and both get the same latents, timesteps and text stat
   (fp32 weights and optimizer), run where ``train_dit`` trains in bf16 (``precision: auto`` picks
   it on CPUs with native bf16 matmuls). Ours then runs attention as bf16 matmuls
   (``model.dit.matmul_attention``); the peer keeps SDPA. Utilisation is against the bf16 peak.
+* ``dit.train_compiled``, ``dit.mixed_compiled`` — the same in the training precision with both
+  models compiled: ours by ``train.compile`` (inductor on the blocks' code between the attention
+  calls, dynamic shapes), the peer whole by ``torch.compile`` (``dynamic=True`` for the mixed
+  shapes). The first (compiling) step or pass and the recompiles it triggers are in ``extra``.
+* ``dit.stage1`` — stage-one training at the shapes ``make demo`` trains on: the demo corpus's
+  planned clips (:func:`stage1_workload`: 96x96-pixel stills of 27-36 tokens and clips of 3-9
+  latent frames, captions of 0-110 MiniLM tokens), the profile's DiT (``tessera-xs``) and token
+  budget (2,048), the first packs of the trainer's own stream. The peer gets per-shape batches
+  (every same-size still in one batch) and pad-to-max, its text padded per batch to the longest
+  caption (it takes no mask). Both eager and both compiled, in the training precision; real
+  tokens/s and utilisation of the calibrated peak.
 * ``dit.sample`` — seconds per denoising step at 17x256x256 and 17x288x160 (9:16) pixels, without
   CFG and with CFG run sequentially (two forwards, as diffusers' ``WanPipeline`` does) or batched
   (cond + uncond in one forward). Ours reuses text keys/values from ``DiT.encode_text`` (once per
@@ -29,6 +40,7 @@ only the ratio is meaningful. Sizes live in :class:`DiTBenchSizes`; tests pass :
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -203,6 +215,41 @@ def trains_in_bf16(cfg: TesseraConfig) -> bool:
     return precision(cfg.train_dit.train) == "bf16"
 
 
+# --------------------------------------------------------------------------- the demo's stage-one workload
+
+
+def stage1_workload(profile: str = "demo") -> list[tuple[Grid, int]]:
+    """(latent (t, h, w), caption tokens) of every synthetic clip a profile's DiT trains on.
+
+    The shapes are what ``encode`` makes of ``demo_data``'s planned files (native aspect,
+    ``encode.max_pixels`` / ``max_frames``, sides cropped to the VAE stride x patch) and the
+    caption lengths are the text encoder's token counts of the planned captions (0 for the
+    uncaptioned files), so nothing needs decoding or training to reproduce them.
+    """
+    from components.core.config import load_config
+    from components.core.demo_corpus import describe
+    from components.core.media import fit_size, usable_frames
+    from components.steps.demo_data import plan_corpus
+    from model.text import load_text_encoder
+    from model.vae import VAE_SIZES
+
+    cfg = load_config(profile)
+    vae = VAE_SIZES.config(cfg.train_vae.size)
+    tf, sf = vae.temporal_downsample, vae.spatial_downsample
+    factor = sf * max(cfg.train_dit.patch_size[1:])
+    specs = plan_corpus(cfg.demo_data)
+    tokenizer = load_text_encoder(cfg.text.encoder, cfg.text.max_length).tokenizer
+    captions = [describe(spec)[0] for spec in specs]
+    ids = tokenizer(captions, truncation=True, max_length=cfg.text.max_length)["input_ids"]
+    workload = []
+    for spec, tokens in zip(specs, ids, strict=True):
+        _, (width, height) = fit_size(spec.width, spec.height, cfg.encode.max_pixels, factor)
+        frames = usable_frames(spec.num_frames, cfg.encode.max_frames, tf)
+        grid = (1 + (frames - 1) // tf, height // sf, width // sf)
+        workload.append((grid, len(tokens) if spec.captioned else 0))
+    return workload
+
+
 # --------------------------------------------------------------------------- models and inputs
 
 
@@ -262,12 +309,41 @@ def _repeats(cfg: TesseraConfig, s: DiTBenchSizes) -> tuple[int, int]:
     return cfg.bench.warmup, max(1, min(cfg.bench.repeats, s.max_repeats))
 
 
+# --------------------------------------------------------------------------- compiled variants
+
+
+def compile_pair(
+    ours: Any, peer: Any, dynamic: bool, peer_backend: str = "inductor"
+) -> tuple[Any, Any] | None:
+    """(ours, peer) compiled in place / wrapped, each as its trainer would: ours through
+    ``train.compile`` (:func:`components.core.compile.compile_regions`: the blocks' code between
+    the attention calls), the peer whole with ``torch.compile`` (``dynamic`` for varying batch
+    shapes). None when inductor has no toolchain here (the compiled cases then record nothing)."""
+    import torch
+
+    from components.core.compile import compile_regions, toolchain_missing
+
+    missing = toolchain_missing(torch.device("cpu"))
+    if missing:
+        print(f"bench: compiled DiT cases skipped: {missing}")
+        return None
+    compile_regions(ours, "on", torch.device("cpu"))
+    return ours, torch.compile(peer, dynamic=dynamic, backend=peer_backend)
+
+
+def training_precision(cfg: TesseraConfig) -> str:
+    return "bf16" if trains_in_bf16(cfg) else "fp32"
+
+
 # --------------------------------------------------------------------------- training step, fixed shape
 
 
 @benchmark("dit.train")
 def dit_train(
-    cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes(), precision: str = "fp32"
+    cfg: TesseraConfig,
+    s: DiTBenchSizes = DiTBenchSizes(),
+    precision: str = "fp32",
+    compiled: bool = False,
 ) -> list[BenchRecord]:
     import torch
     import torch.nn.functional as F
@@ -289,27 +365,38 @@ def dit_train(
     target_peer = torch.randn(latents.shape, generator=gen)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, fused=True)
+    models = {"ours": ours, "peer": peer}
 
     def step_ours(precision: str = precision) -> None:
         with autocast(precision):
-            out = ours(batch.tokens, batch.coords, batch.cu_seqlens, times, text)  # (N, D)
-        F.mse_loss(out.float(), target_ours).backward()
+            out = models["ours"](batch.tokens, batch.coords, batch.cu_seqlens, times, text)
+        F.mse_loss(out.float(), target_ours).backward()  # out (N, D)
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
     def step_peer(precision: str = precision) -> None:
         with autocast(precision):
-            out = peer(latents, times * 1000, text, return_dict=False)[0]  # (B, C, T, H, W)
-        F.mse_loss(out.float(), target_peer).backward()
+            out = models["peer"](latents, times * 1000, text, return_dict=False)[0]
+        F.mse_loss(out.float(), target_peer).backward()  # out (B, C, T, H, W)
         opt_peer.step()
         opt_peer.zero_grad(set_to_none=True)
 
     load_before = load_average()
     peak = matmul_peak(cfg, precision)
-    # FLOPs are counted in fp32 (the same model FLOPs in either precision; in fp32 both models'
-    # attention runs the flash kernel, which the counter reports separately)
+    # FLOPs are counted eagerly in fp32 (the same model FLOPs in either precision; in fp32 both
+    # models' attention runs the flash kernel, which the counter reports separately)
     flops_ours, attn_ours = count_flops(lambda: step_ours("fp32"))  # also warm-up steps
     flops_peer, attn_peer = count_flops(lambda: step_peer("fp32"))
+    compile_s: dict[str, float] = {}
+    if compiled:
+        pair = compile_pair(ours, peer, dynamic=False)
+        if pair is None:
+            return []
+        models["ours"], models["peer"] = pair
+        for name, fn in (("ours", step_ours), ("peer", step_peer)):
+            start = time.perf_counter()
+            fn()
+            compile_s[name] = time.perf_counter() - start
     warmup, repeats = cfg.bench.warmup, max(1, cfg.bench.repeats)
     runs = interleaved_times({"ours": step_ours, "peer": step_peer}, warmup, repeats)
     peak = max(peak, matmul_peak(cfg, precision))  # best of before/after: least disturbed
@@ -322,7 +409,8 @@ def dit_train(
         "clips": s.train_clips,
         "latent_thw": list(s.train_latent),
         "tokens_per_step": tokens,
-        "step": f"forward + backward + AdamW, {_precision_words(precision)}",
+        "step": f"forward + backward + AdamW, {_precision_words(precision)}"
+        + (", both compiled" if compiled else ", both eager"),
         "gflop_per_step_ours": flops_ours / 1e9,
         "gflop_per_step_peer": flops_peer / 1e9,
         "attention_gflop_per_step_ours": attn_ours / 1e9,  # the stock counter misses these
@@ -337,7 +425,9 @@ def dit_train(
         "load_average": [load_before, load_average()],
         "torch_threads": torch.get_num_threads(),
     }
-    case = _case_name("dit.train", precision)
+    if compiled:
+        extra["first_step_s_compiling"] = compile_s
+    case = _case_name("dit.train", precision, compiled)
     return [
         BenchRecord(
             f"{case}.tokens_per_s",
@@ -364,15 +454,23 @@ def dit_train_bf16(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> li
     return dit_train(cfg, s, "bf16") if trains_in_bf16(cfg) else []
 
 
-def _case_name(base: str, precision: str) -> str:
-    return base if precision == "fp32" else f"{base}_{precision}"
+@benchmark("dit.train_compiled")
+def dit_train_compiled(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
+    """``dit.train`` in the training precision with both models compiled (ours by
+    ``train.compile``, the peer whole by ``torch.compile``)."""
+    return dit_train(cfg, s, training_precision(cfg), compiled=True)
+
+
+def _case_name(base: str, precision: str, compiled: bool = False) -> str:
+    name = base if precision == "fp32" else f"{base}_{precision}"
+    return f"{name}_compiled" if compiled else name
 
 
 def _precision_words(precision: str) -> str:
     return "fp32" if precision == "fp32" else "CPU bf16 autocast (fp32 weights and optimizer)"
 
 
-# --------------------------------------------------------------------------- mixed workload: patch n' pack vs pad-to-max / per-shape batching
+# --------------------------------------------------------------------------- mixed workloads: patch n' pack vs pad-to-max / per-shape batching
 
 
 def _pad_to_max_batches(grids: list[Grid], s: DiTBenchSizes) -> list[list[int]]:
@@ -402,30 +500,64 @@ def _per_shape_batches(grids: list[Grid], s: DiTBenchSizes) -> list[list[int]]:
     return batches
 
 
-@benchmark("dit.mixed")
-def dit_mixed(
-    cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes(), precision: str = "fp32"
+@dataclass(frozen=True)
+class Workload:
+    """Clips of a workload case: latent grids, text tokens per clip and ours' packs.
+
+    ``text_lens`` None: every clip has ``text_len`` real text tokens (no mask). Otherwise clip
+    ``i`` has ``text_lens[i]`` (0 = no caption: ours gets the null condition, the peer, which
+    takes no mask, zeros); each batch pads its text to its longest caption.
+    ``packs`` None: ours packs all clips first-fit decreasing; else these clip indices per pack
+    (the trainer's stream order).
+    """
+
+    grids: tuple[Grid, ...]
+    text_lens: tuple[int, ...] | None = None
+    packs: tuple[tuple[int, ...], ...] | None = None
+
+
+def _workload_case(
+    cfg: TesseraConfig,
+    s: DiTBenchSizes,
+    work: Workload,
+    precision: str,
+    modes: tuple[str, ...],
+    case: str,
 ) -> list[BenchRecord]:
+    """Ours (patch n' pack) vs the peer's pad-to-max and per-shape batching over one workload,
+    each in ``modes`` (``"eager"``, ``"compiled"``), interleaved in one run."""
+    import copy
+
     import torch
     import torch.nn.functional as F
 
-    from model.patches import pack_patches, real_token_fraction
+    from model.patches import pack_patches, pad_text, real_token_fraction
 
-    ours, peer = build_models(s)
-    ours.train()
-    peer.train()
+    base_ours, base_peer = build_models(s)
     gen = torch.Generator().manual_seed(cfg.seed)
-    grids = [g for count, g in s.mixed_workload for _ in range(count)]
+    grids = list(work.grids)
     latents = [torch.randn(s.latent_channels, *g, generator=gen) for g in grids]
-    text = torch.randn(len(grids), s.text_len, s.text_dim, generator=gen)
+    lens = list(work.text_lens) if work.text_lens is not None else [s.text_len] * len(grids)
+    texts = [torch.randn(max(n, 1), s.text_dim, generator=gen) for n in lens]
+    text_masks = [torch.arange(max(n, 1)) < n for n in lens]  # all False: no caption
     times = torch.rand(len(grids), generator=gen)
     real = sum(_tokens(g, s.patch_size) for g in grids)
 
-    packs = pack_patches(latents, s.mixed_token_budget, s.patch_size)
-    ours_inputs = [
-        (p, times[p.indices], text[p.indices], torch.randn(p.tokens.shape, generator=gen))
-        for p in packs
-    ]
+    if work.packs is None:
+        packs = pack_patches(latents, s.mixed_token_budget, s.patch_size)
+    else:
+        packs = []
+        for clip_ids in work.packs:
+            (batch,) = pack_patches(
+                [latents[i] for i in clip_ids], s.mixed_token_budget, s.patch_size
+            )
+            batch.indices = [clip_ids[j] for j in batch.indices]
+            packs.append(batch)
+    ours_inputs = []
+    for p in packs:
+        text, mask = pad_text([texts[i] for i in p.indices], [text_masks[i] for i in p.indices])
+        target = torch.randn(p.tokens.shape, generator=gen)
+        ours_inputs.append((p, times[p.indices], text, mask, target))
 
     def peer_inputs(batches: list[list[int]]) -> list[tuple[Any, ...]]:
         inputs = []
@@ -440,64 +572,94 @@ def dit_mixed(
                     for i in idx
                 ]
             )  # (B, C, T, H, W), zero-padded at the end of each axis
+            text, mask = pad_text([texts[i] for i in idx], [text_masks[i] for i in idx])
             target = torch.randn(padded.shape, generator=gen)
-            inputs.append((padded, times[idx] * 1000, text[idx], target))
+            inputs.append((padded, times[idx] * 1000, text * mask[..., None], target))
         return inputs
 
     pad_batches, shape_batches = _pad_to_max_batches(grids, s), _per_shape_batches(grids, s)
-    pad_inputs, shape_inputs = peer_inputs(pad_batches), peer_inputs(shape_batches)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
-    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, fused=True)
+    peer_batches = {"pad": peer_inputs(pad_batches), "shape": peer_inputs(shape_batches)}
+    use_mask = work.text_lens is not None
 
-    # One pass over the workload = one global batch: forward + backward per batch (gradient
-    # accumulation), one AdamW step, so every strategy pays the optimizer once.
-    def pass_ours(inputs: list[tuple[Any, ...]] = ours_inputs) -> None:
-        for p, t, txt, target in inputs:
+    def pass_ours(model: Any, opt: Any, precision: str = precision) -> None:
+        # One pass over the workload = one global batch: forward + backward per batch (gradient
+        # accumulation), one AdamW step, so every strategy pays the optimizer once.
+        for p, t, text, mask, target in ours_inputs:
             with autocast(precision):
-                out = ours(p.tokens, p.coords, p.cu_seqlens, t, txt)  # (N, D)
-            F.mse_loss(out.float(), target).backward()
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
+                out = model(p.tokens, p.coords, p.cu_seqlens, t, text, mask if use_mask else None)
+            F.mse_loss(out.float(), target).backward()  # out (N, D)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    def pass_peer(inputs: list[tuple[Any, ...]]) -> None:
-        for lat, t, txt, target in inputs:
+    def pass_peer(model: Any, opt: Any, inputs: list[Any], precision: str = precision) -> None:
+        for lat, t, text, target in inputs:
             with autocast(precision):
-                out = peer(lat, t, txt, return_dict=False)[0]  # (B, C, T, H, W)
+                out = model(lat, t, text, return_dict=False)[0]  # (B, C, T, H, W)
             F.mse_loss(out.float(), target).backward()
-        opt_peer.step()
-        opt_peer.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def optimiser(model: Any) -> Any:
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     load_before = load_average()
-    pass_ours(ours_inputs[-1:])  # warm-up on one (the smallest) batch each
-    pass_peer(pad_inputs[-1:])
-    _, repeats = _repeats(cfg, s)
-    runs = interleaved_times(
-        {
-            "ours": pass_ours,
-            "pad": lambda: pass_peer(pad_inputs),
-            "shape": lambda: pass_peer(shape_inputs),
+    peak = matmul_peak(cfg, precision)
+    # FLOPs of one pass, counted eagerly in fp32 (see dit_train), for ours and the peer's two
+    # strategies (the peer's include its padding: they are what it computes)
+    flops = {
+        "ours": count_flops(lambda: pass_ours(base_ours, optimiser(base_ours), "fp32"))[0],
+        **{
+            k: count_flops(lambda b=b: pass_peer(base_peer, optimiser(base_peer), b, "fp32"))[0]
+            for k, b in peer_batches.items()
         },
-        warmup=0,
-        repeats=repeats,
-    )
+    }
+    fns: dict[str, Callable[[], Any]] = {}
+    compile_s: dict[str, float] = {}
+    recompiles: dict[str, int] = {}
+    for mode in modes:
+        ours, peer = copy.deepcopy(base_ours).train(), copy.deepcopy(base_peer).train()
+        if mode == "compiled":
+            pair = compile_pair(ours, peer, dynamic=True)
+            if pair is None:
+                continue
+            ours, peer = pair
+        opt_ours, opt_peer = optimiser(ours), optimiser(peer)
+        fns[f"ours_{mode}"] = functools.partial(pass_ours, ours, opt_ours)
+        for k, b in peer_batches.items():
+            fns[f"{k}_{mode}"] = functools.partial(pass_peer, peer, opt_peer, b)
+        if mode == "compiled":  # a full pass compiles every shape the timed passes meet
+            from components.core.compile import compile_stats
+
+            for name in (f"ours_{mode}", f"pad_{mode}", f"shape_{mode}"):
+                before, start = compile_stats()["recompiles"], time.perf_counter()
+                fns[name]()
+                compile_s[name] = time.perf_counter() - start
+                recompiles[name] = compile_stats()["recompiles"] - before
+    if not fns:
+        return []
+    for name in [n for n in fns if n.endswith("_eager")]:  # warm-up: one pass each
+        fns[name]()
+    _, repeats = _repeats(cfg, s)
+    runs = interleaved_times(fns, warmup=0, repeats=repeats)
+    peak = max(peak, matmul_peak(cfg, precision))
     sec = {k: statistics.median(v) for k, v in runs.items()}
-    best = min(("pad", "shape"), key=sec.__getitem__)
     padded_tokens = sum(
-        math.prod(x[0].shape[:1]) * _tokens(x[0].shape[2:], s.patch_size) for x in pad_inputs
+        math.prod(x[0].shape[:1]) * _tokens(x[0].shape[2:], s.patch_size)
+        for x in peer_batches["pad"]
     )
     frac_ours = real_token_fraction(packs, s.mixed_token_budget)
     frac_pad = real / (len(pad_batches) * s.mixed_token_budget)
     frac_shape = real / (len(shape_batches) * s.mixed_token_budget)
     shapes = Counter(grids)
-    extra = {
-        **_sizes_extra(s, ours, peer),
+    names = {"pad": "pad-to-max", "shape": "per-shape batching"}
+    extra: dict[str, Any] = {
+        **_sizes_extra(s, base_ours, base_peer),
         "workload_count_latent_thw": [[n, *g] for g, n in shapes.items()],
-        "workload_count_pixels_thw": [
-            [n, 1 + 4 * (g[0] - 1), 8 * g[1], 8 * g[2]] for g, n in shapes.items()
-        ],
         "clips": len(grids),
         "images": sum(1 for g in grids if g[0] == 1),
         "real_tokens": real,
+        "text_tokens_per_clip": {"mean": statistics.mean(lens), "max": max(lens)},
+        "clips_without_text": sum(1 for n in lens if n == 0),
         "token_budget": s.mixed_token_budget,
         "pass": "forward + backward per batch, one AdamW step per pass (gradient accumulation), "
         f"{_precision_words(precision)}",
@@ -509,36 +671,168 @@ def dit_mixed(
         "pad_real_fraction_of_budget": frac_pad,
         "shape_batches": len(shape_batches),
         "shape_real_fraction_of_budget": frac_shape,
-        "peer_best": {"pad": "pad-to-max", "shape": "per-shape batching"}[best],
+        "gflop_per_pass": {k: v / 1e9 for k, v in flops.items()},
+        "matmul_peak_gflops": peak,
         "real_tokens_per_s": {k: real / v for k, v in sec.items()},
+        "utilisation": {k: flops[k.split("_")[0]] / v / 1e9 / peak for k, v in sec.items()},
         "timing": {k: timing_summary(v) for k, v in runs.items()},
         "load_average": [load_before, load_average()],
+        "torch_threads": torch.get_num_threads(),
     }
-    peer_name, case = f"{PEER} ({extra['peer_best']})", _case_name("dit.mixed", precision)
-    return [
-        BenchRecord(
-            f"{case}.real_tokens_per_s",
-            real / sec["ours"],
-            "real tokens/s",
-            peer_name,
-            real / sec[best],
-            extra=extra,
-        ),
-        BenchRecord(
-            f"{case}.real_token_fraction",
-            frac_ours,
-            "of budget slots",
-            f"{PEER} (pad-to-max)",
-            frac_pad,
-            extra=extra,
-        ),
-    ]
+    if compile_s:
+        extra["first_pass_s_compiling"] = compile_s
+        extra["recompiles_in_first_pass"] = recompiles
+    records = []
+    for mode in modes:
+        if f"ours_{mode}" not in sec:
+            continue
+        best = min(("pad", "shape"), key=lambda k: sec[f"{k}_{mode}"])
+        extra[f"peer_best_{mode}"] = names[best]
+        name = f"{case}_compiled" if mode == "compiled" else case
+        ours_s, best_s = sec[f"ours_{mode}"], sec[f"{best}_{mode}"]
+        records += [
+            BenchRecord(
+                f"{name}.real_tokens_per_s",
+                real / ours_s,
+                "real tokens/s",
+                f"{PEER} ({names[best]}, {mode})",
+                real / best_s,
+                extra=extra,
+            ),
+            BenchRecord(
+                f"{name}.utilisation",
+                100 * flops["ours"] / ours_s / 1e9 / peak,
+                f"% {precision} peak",
+                f"{PEER} ({names[best]}, {mode})",
+                100 * flops[best] / best_s / 1e9 / peak,
+                extra=extra,
+            ),
+        ]
+    if case.startswith("dit.mixed") and "eager" in modes:
+        records.append(
+            BenchRecord(
+                f"{case}.real_token_fraction",
+                frac_ours,
+                "of budget slots",
+                f"{PEER} (pad-to-max)",
+                frac_pad,
+                extra=extra,
+            )
+        )
+    return records
+
+
+def _mixed_workload(s: DiTBenchSizes) -> Workload:
+    return Workload(tuple(g for count, g in s.mixed_workload for _ in range(count)))
+
+
+@benchmark("dit.mixed")
+def dit_mixed(
+    cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes(), precision: str = "fp32"
+) -> list[BenchRecord]:
+    """The mixed workload (module docstring), eager, ``precision``."""
+    return _workload_case(
+        cfg, s, _mixed_workload(s), precision, ("eager",), _case_name("dit.mixed", precision)
+    )
 
 
 @benchmark("dit.mixed_bf16")
 def dit_mixed_bf16(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
     """``dit.mixed`` with both models under bf16 autocast, where training runs in bf16 here."""
     return dit_mixed(cfg, s, "bf16") if trains_in_bf16(cfg) else []
+
+
+@benchmark("dit.mixed_compiled")
+def dit_mixed_compiled(cfg: TesseraConfig, s: DiTBenchSizes = DiTBenchSizes()) -> list[BenchRecord]:
+    """``dit.mixed`` in the training precision with both models compiled (dynamic shapes)."""
+    precision = training_precision(cfg)
+    return _workload_case(
+        cfg, s, _mixed_workload(s), precision, ("compiled",), _case_name("dit.mixed", precision)
+    )
+
+
+# --------------------------------------------------------------------------- stage one: the demo corpus's stills and short clips
+
+
+@dataclass(frozen=True)
+class Stage1Sizes:
+    """``dit.stage1``: the profile's DiT, token budget and corpus; the first ``packs`` packs of
+    the trainer's stream (:class:`~components.steps.train_dit.data.PackStream`) per pass.
+
+    ``model`` / ``workload`` (``(grid, caption tokens)`` per clip) replace the profile's for
+    tests.
+    """
+
+    profile: str = "demo"
+    packs: int = 4
+    max_repeats: int = 3
+    modes: tuple[str, ...] = ("eager", "compiled")
+    model: DiTBenchSizes | None = None
+    workload: tuple[tuple[Grid, int], ...] | None = None
+
+
+TINY_STAGE1 = Stage1Sizes(
+    packs=2,
+    max_repeats=1,
+    modes=("eager",),
+    model=dataclasses.replace(TINY, mixed_token_budget=40),
+    workload=(
+        ((1, 2, 4), 3),
+        ((1, 4, 2), 0),
+        ((1, 2, 4), 5),
+        ((1, 4, 4), 2),
+        ((2, 2, 4), 6),
+        ((1, 4, 2), 1),
+        ((3, 2, 2), 4),
+    ),
+)
+
+
+def stage1_model_sizes(cfg: TesseraConfig) -> DiTBenchSizes:
+    """Bench sizes of a profile's DiT: its size, patch, latent channels and token budget."""
+    from model.dit import dit_config
+
+    tcfg = cfg.train_dit
+    dit = dit_config(tcfg.size)
+    return DiTBenchSizes(
+        hidden_size=dit.hidden_size,
+        depth=dit.depth,
+        num_heads=dit.num_heads,
+        mlp_ratio=dit.mlp_ratio,
+        latent_channels=cfg.train_vae.latent_channels,
+        text_dim=384,  # MiniLM's width, the embedded text encoder
+        patch_size=tuple(tcfg.patch_size),
+        mixed_token_budget=tcfg.token_budget,
+    )
+
+
+@benchmark("dit.stage1")
+def dit_stage1(cfg: TesseraConfig, st: Stage1Sizes = Stage1Sizes()) -> list[BenchRecord]:
+    """Stage-one training at the shapes ``make demo`` trains on (stills of 27-36 tokens, clips
+    of 3-9 latent frames, captions of 0-110 tokens), ours vs the peer's best batching, both
+    eager and both compiled, in the training precision."""
+    from components.core.config import load_config
+    from components.steps.train_dit.data import PackStream
+    from model.patches import clip_tokens
+
+    profile = load_config(st.profile)
+    s = st.model or stage1_model_sizes(profile)
+    s = dataclasses.replace(s, max_repeats=st.max_repeats)
+    workload = list(st.workload or stage1_workload(st.profile))
+    lengths = [clip_tokens((s.latent_channels, *g), s.patch_size) for g, _ in workload]
+    stream = PackStream(lengths, s.mixed_token_budget, cfg.seed)
+    chosen = [stream.next_pack() for _ in range(st.packs)]
+    order: list[int] = []  # clip of each position; a clip the stream repeats is a new clip
+    packs = []
+    for pack in chosen:
+        packs.append(tuple(range(len(order), len(order) + len(pack))))
+        order += pack
+    work = Workload(
+        grids=tuple(workload[i][0] for i in order),
+        text_lens=tuple(workload[i][1] for i in order),
+        packs=tuple(packs),
+    )
+    return _workload_case(cfg, s, work, training_precision(cfg), st.modes, "dit.stage1")
 
 
 # --------------------------------------------------------------------------- sampling: seconds per denoising step

@@ -24,6 +24,13 @@ come from the main process (normal allocator), interleaved: every variant once p
 
 ``extra`` also names the top ops by self CPU time (torch.profiler, one encode and one decode of
 the first clip size per model) — what dominates the time.
+
+``vae.train_step`` is ``train_vae``'s demo step for both models: ``micro_batch`` clips of
+9x48x48 frames in [-1, 1], encode -> posterior sample -> decode, L1 + KL, backward, fused AdamW,
+under bf16 autocast where ``train_vae`` trains in bf16 here. Each model runs eagerly and compiled
+(ours: its ``compile_regions``, as the trainer does; the peer: ``torch.compile`` of its whole
+step's forward, static shapes), all four interleaved step by step; frames/s and utilisation (FLOPs
+by ``FlopCounterMode`` / step time / the calibrated matmul peak in the training precision).
 """
 
 from __future__ import annotations
@@ -223,14 +230,16 @@ def measure_peak_mb(
 # --------------------------------------------------------------------------- the case
 
 
-def build_ours(s: VAEBenchSizes) -> Any:
-    """Our CausalVAE of size ``s.ours``, random weights, eval mode."""
+def build_ours(s: VAEBenchSizes, latent_channels: int | None = None) -> Any:
+    """Our CausalVAE of size ``s.ours`` (``latent_channels`` overriding the size's), random
+    weights, eval mode."""
     import torch
 
     from model.vae import build_vae
 
     torch.manual_seed(0)
-    return build_vae(s.ours).eval()
+    overrides = {} if latent_channels is None else {"latent_channels": latent_channels}
+    return build_vae(s.ours, **overrides).eval()
 
 
 def build_peer(s: VAEBenchSizes) -> Any:
@@ -329,6 +338,179 @@ def vae_codec(cfg: TesseraConfig, s: VAEBenchSizes = VAEBenchSizes()) -> list[Be
                         extra=extra,
                     )
                 )
+    return records
+
+
+# --------------------------------------------------------------------------- training step
+
+
+@dataclass(frozen=True)
+class VAETrainBenchSizes:
+    """Sizes of ``vae.train_step`` (defaults: the demo's ``train_vae``; :data:`TINY_TRAIN`: tests).
+
+    Attributes:
+        models: ours and the peer (``models.peer["z_dim"]`` latent channels for both).
+        micro_batch: clips per step.
+        clip: pixel (frames, height, width) of every clip, frames = 1 + 4k, sides multiples of 8.
+        repeats: timed steps per variant at least (``cfg.bench.repeats`` if more).
+        profile: top ops of one step per model and mode for ``extra``.
+    """
+
+    models: VAEBenchSizes = field(
+        default_factory=lambda: VAEBenchSizes(peer={**VAEBenchSizes().peer, "z_dim": 8})
+    )
+    micro_batch: int = 4
+    clip: Clip = (9, 48, 48)
+    repeats: int = 8
+    profile: bool = True
+
+
+TINY_TRAIN = VAETrainBenchSizes(
+    models=TINY, micro_batch=1, clip=(5, 16, 16), repeats=1, profile=False
+)
+
+
+def train_precision(cfg: TesseraConfig) -> str:
+    """``bf16`` or ``fp32``: what ``train_vae`` trains in on this machine (``precision: auto``)."""
+    from components.core.trainer import precision
+
+    return precision(cfg.train_vae.train)
+
+
+def _kl(mean: Any, logvar: Any) -> Any:
+    """Mean over clips of KL(N(mean, exp(logvar)) || N(0, I)) summed over latents, in fp32."""
+    import torch
+
+    mean, logvar = mean.float(), logvar.float().clamp(-30.0, 20.0)  # (B, Z, t, h, w) each
+    return 0.5 * (mean.pow(2) + torch.expm1(logvar) - logvar).sum(dim=(1, 2, 3, 4)).mean()
+
+
+def _ours_forward(model: Any, video: Any) -> tuple[Any, Any, Any]:
+    recon, posterior = model(video)  # (B, C, T, H, W), over (B, Z, t, h, w)
+    return recon, posterior.mean, posterior.logvar
+
+
+def _peer_forward(model: Any, video: Any) -> tuple[Any, Any, Any]:
+    posterior = model.encode(video).latent_dist  # chunked: frame 0, then 4 frames at a time
+    recon = model.decode(posterior.sample()).sample  # (B, C, T, H, W), one latent frame a time
+    return recon, posterior.mean, posterior.logvar
+
+
+def _train_step(
+    model: Any, forward: Callable[[Any, Any], Any], video: Any, precision: str
+) -> Callable[[], float]:
+    """One training step of ``model`` on ``video`` per call: L1 + KL, backward, fused AdamW."""
+    import torch
+
+    from components.bench.dit import autocast
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def run() -> float:
+        with autocast(precision):
+            recon, mean, logvar = forward(model, video)
+        loss = (recon.float() - video).abs().mean() + 1e-6 * _kl(mean, logvar)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return run
+
+
+@benchmark("vae.train_step")
+def vae_train_step(
+    cfg: TesseraConfig, s: VAETrainBenchSizes = VAETrainBenchSizes()
+) -> list[BenchRecord]:
+    import copy
+    import time
+
+    import torch
+
+    from components.bench.dit import count_flops, matmul_peak
+    from components.core.compile import compile_regions, region_report
+
+    precision = train_precision(cfg)
+    z = s.models.peer["z_dim"]
+    ours, peer = build_ours(s.models, latent_channels=z).train(), build_peer(s.models).train()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    video = torch.rand(s.micro_batch, 3, *s.clip, generator=gen) * 2 - 1  # (B, C, T, H, W)
+    load_before = load_average()
+    peak = matmul_peak(cfg, precision)
+    # FLOPs in fp32 eager (the same model FLOPs in either precision); also warm-up steps
+    flops = {
+        "ours": count_flops(_train_step(ours, _ours_forward, video, "fp32"))[0],
+        "peer": count_flops(_train_step(peer, _peer_forward, video, "fp32"))[0],
+    }
+    ours_compiled, peer_compiled = copy.deepcopy(ours), copy.deepcopy(peer)  # same weights
+    info = compile_regions(ours_compiled, "on", video.device)  # what the trainer compiles
+    steps = {
+        "ours_eager": _train_step(ours, _ours_forward, video, precision),
+        "peer_eager": _train_step(peer, _peer_forward, video, precision),
+        "ours_compiled": _train_step(ours_compiled, _ours_forward, video, precision),
+        "peer_compiled": _train_step(
+            peer_compiled, torch.compile(_peer_forward, dynamic=False), video, precision
+        ),
+    }
+    first_step_s = {}
+    for name, fn in steps.items():  # the compiled variants compile here
+        start = time.perf_counter()
+        fn()
+        first_step_s[name] = time.perf_counter() - start
+    repeats = max(s.repeats, cfg.bench.repeats)
+    runs = interleaved_times(steps, warmup=cfg.bench.warmup, repeats=repeats)
+    peak = max(peak, matmul_peak(cfg, precision))  # best of before/after: least disturbed
+    sec = {k: statistics.median(v) for k, v in runs.items()}
+    profiles = {name: top_ops(fn) for name, fn in steps.items()} if s.profile else {}
+    frames = s.micro_batch * s.clip[0]
+    fps = {k: frames / v for k, v in sec.items()}
+    util = {k: flops[k.split("_")[0]] / v / 1e9 / peak for k, v in sec.items()}
+    extra = {
+        "ours": s.models.ours,
+        "peer_config": s.models.peer,
+        "params_ours": sum(p.numel() for p in ours.parameters()),
+        "params_peer": sum(p.numel() for p in peer.parameters()),
+        "micro_batch": s.micro_batch,
+        "clip_thw": list(s.clip),
+        "step": "encode -> posterior sample -> decode, L1 + 1e-6 KL, backward, fused AdamW, "
+        + ("CPU bf16 autocast (fp32 weights)" if precision == "bf16" else "fp32"),
+        "precision": precision,
+        "gflop_per_step": {k: v / 1e9 for k, v in flops.items()},
+        "matmul_peak_gflops": peak,
+        "frames_per_s": fps,
+        "utilisation": util,
+        "compile_s": {  # the first step minus a timed step: compiling (warm inductor cache: less)
+            k: first_step_s[k] - sec[k] for k in ("ours_compiled", "peer_compiled")
+        },
+        "first_step_s": first_step_s,
+        "compiled_speedup": {m: sec[f"{m}_eager"] / sec[f"{m}_compiled"] for m in ("ours", "peer")},
+        "ours_compile": region_report(info),
+        "timing": {k: timing_summary(v) for k, v in runs.items()},
+        "top_ops_self_cpu_pct": profiles,
+        "load_average": [load_before, load_average()],
+        "torch_threads": torch.get_num_threads(),
+    }
+    records = []
+    for mode in ("eager", "compiled"):
+        ours_key, peer_key = f"ours_{mode}", f"peer_{mode}"
+        records += [
+            BenchRecord(
+                f"vae.train_step.{mode}.frames_per_s",
+                fps[ours_key],
+                "frames/s",
+                PEER,
+                fps[peer_key],
+                extra=extra,
+            ),
+            BenchRecord(
+                f"vae.train_step.{mode}.utilisation",
+                100 * util[ours_key],
+                f"% {precision} peak",
+                PEER,
+                100 * util[peer_key],
+                extra=extra,
+            ),
+        ]
     return records
 
 

@@ -170,6 +170,7 @@ def test_sdpa_segments_equals_dense_mask():
     model = scramble(DiT(cfg))
     x, coords, cu, t, text, mask = make_inputs(cfg)
     mask[2] = False  # one clip without text
+    mask[1, 0] = False  # not a prefix: a run reads keys up to its last real token
     with torch.no_grad():
         seg = with_backend(model, "sdpa_segments")(x, coords, cu, t, text, mask)
         dense = with_backend(model, "dense_mask")(x, coords, cu, t, text, mask)

@@ -4,6 +4,7 @@ latent statistics, the saved model, held-out scores and reconstruction videos.""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 
 from components.core import media, tracking
 from components.core import trainer as tr
+from components.core.compile import compile_regions, region_report
 from components.core.config import TesseraConfig, TrainVAEConfig, from_dict
 from components.core.manifest import read_clips
 from components.steps.train_vae.data import (
@@ -39,6 +41,8 @@ RECONSTRUCTIONS = "reconstructions"
 DISC_WEIGHTS = "discriminator.safetensors"
 DISC_OPTIMIZER = "discriminator_optimizer.pt"
 STATS_POSITION = 1 << 40  # crops for the latent statistics use positions no training step reaches
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- the worker
 
@@ -101,6 +105,8 @@ def worker(payload: dict[str, Any]) -> None:
     perceptual = load_lpips(tv.lpips_weights) if tv.lpips_weights else None
     trainer = tr.Trainer(vae, train, Path(payload["checkpoint_dir"]), payload.get("mlflow_run_id"))
     device, rank0 = trainer.device, trainer.rank == 0
+    compiled = compile_regions(trainer.model, train.compile, device)  # the ResBlocks
+    log.info("compile: %s", compiled["reason"])
     disc_opt = None
     if disc is not None:
         disc.to(device)
@@ -229,6 +235,7 @@ def worker(payload: dict[str, Any]) -> None:
         "step_time_s": last.get("step_time_s"),
         "loop_seconds": train_time,
         "precision": tr.precision(train),
+        "compile": region_report(compiled),
     }
     _finish(cfg, payload, trainer, clips, val_views, dataset, final)
 

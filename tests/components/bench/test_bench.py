@@ -30,6 +30,9 @@ def test_cases_are_registered():
         "dit.train_bf16",
         "dit.mixed",
         "dit.mixed_bf16",
+        "dit.train_compiled",
+        "dit.mixed_compiled",
+        "dit.stage1",
         "dit.sample",
         "vae.codec",
         "calibration.matmul_bf16",
@@ -65,7 +68,7 @@ def test_dit_bf16_cases_tiny():
     check(train, "dit.train_bf16.", 2)
     assert train[1].unit == "% bf16 peak"
     assert "bf16" in train[0].extra["step"]
-    check(dit.dit_mixed(CFG, dit.TINY, "bf16"), "dit.mixed_bf16.", 2)
+    check(dit.dit_mixed(CFG, dit.TINY, "bf16"), "dit.mixed_bf16.", 3)
 
 
 def test_count_flops_includes_cpu_attention():
@@ -82,13 +85,62 @@ def test_count_flops_includes_cpu_attention():
 
 def test_dit_mixed_tiny():
     records = dit.dit_mixed(CFG, dit.TINY)
-    check(records, "dit.mixed.", 2)
+    check(records, "dit.mixed.", 3)
     extra = records[0].extra
     assert extra["real_tokens"] == sum(
         n * math.prod(g // p for g, p in zip(grid, (1, 2, 2), strict=True))
         for n, grid in dit.TINY.mixed_workload
     )
     assert 0 < extra["ours_real_fraction_of_budget"] <= 1
+
+
+def test_stage1_workload_is_the_demo_corpus():
+    """The shapes ``make demo`` trains its DiT on, from the demo profile's plan: 96x96 stills
+    of 27-36 tokens, clips of 3-9 latent frames, MiniLM caption lengths (0 = uncaptioned)."""
+    from components.core.config import load_config
+
+    demo = load_config("demo").demo_data
+    work = dit.stage1_workload("demo")
+    assert len(work) == demo.num_clips + demo.num_images
+    stills = [g for g, _ in work if g[0] == 1]
+    tokens = {g[1] * g[2] // 4 for g in stills}
+    assert len(stills) == demo.num_images and min(tokens) >= 27 and max(tokens) <= 36
+    assert {g[0] for g, _ in work if g[0] > 1} <= set(range(3, 10))
+    lens = [n for _, n in work]
+    assert 0 in lens and 20 < max(lens) <= load_config("demo").text.max_length
+
+
+def test_dit_stage1_tiny():
+    records = dit.dit_stage1(CFG, dit.TINY_STAGE1)
+    check(records, "dit.stage1.", 2)
+    extra = records[0].extra
+    assert extra["clips_without_text"] >= 1 and extra["ours_packs"] == 2
+    assert extra["peer_best_eager"] in ("pad-to-max", "per-shape batching")
+    assert set(extra["utilisation"]) == {"ours_eager", "pad_eager", "shape_eager"}
+
+
+@pytest.mark.slow
+def test_compiled_cases_tiny(monkeypatch):
+    """Both models compiled: ours through train.compile (inductor), the peer by torch.compile
+    (dynamo only here: inductor on diffusers' model takes minutes cold, and it is not ours)."""
+    real = dit.compile_pair
+    monkeypatch.setattr(
+        dit, "compile_pair", lambda o, p, dynamic: real(o, p, dynamic, peer_backend="eager")
+    )
+    train = dit.dit_train(CFG, dit.TINY, "fp32", compiled=True)
+    check(train, "dit.train_compiled.", 2)
+    assert set(train[0].extra["first_step_s_compiling"]) == {"ours", "peer"}
+    stage1 = dit.dit_stage1(CFG, dataclasses.replace(dit.TINY_STAGE1, modes=("eager", "compiled")))
+    check(stage1, "dit.stage1", 4)
+    assert [r.name for r in stage1[2:]] == [
+        "dit.stage1_compiled.real_tokens_per_s",
+        "dit.stage1_compiled.utilisation",
+    ]
+    assert set(stage1[0].extra["first_pass_s_compiling"]) == {
+        "ours_compiled",
+        "pad_compiled",
+        "shape_compiled",
+    }
 
 
 def test_default_mixed_workload_is_fair_and_full():

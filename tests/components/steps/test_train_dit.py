@@ -254,6 +254,7 @@ EQUIVALENCE = [
     "train_dit.drop_rate=0.2",
     "train_dit.train.ema_decay=0.8",
     "train_dit.eval_every=3",
+    "train_dit.train.compile='on'",  # as make demo trains: inductor on the blocks (YAML: quoted)
 ]
 
 
@@ -282,6 +283,8 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(
     cfg = tiny_cfg(*EQUIVALENCE, "train_dit.train.grad_accum=1", "train_dit.train.num_processes=2")
     two = _launch(tmp_path, "two", cfg, latents, procs=2)
     assert two["packs_per_step"] == one["packs_per_step"] == 2 and two["steps"] == 6
+    for run in (one, two):  # compiled, with no region left to eager
+        assert run["compile"]["compiled"] and run["compile"]["fallbacks"] == {}, run["compile"]
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
     assert None not in one["grad_norms"]
     assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-4)
