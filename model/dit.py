@@ -259,7 +259,13 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(
             self.qkv(x), "... (three h d) -> three (...) h d", three=3, h=self.num_heads
         )  # (N, H, hd)
-        return apply_rope_cis(self.q_norm(q), rope), apply_rope_cis(self.k_norm(k), rope), v
+        # QK-norm and RoPE in fp32; q and k leave in the projection's dtype (bf16 under
+        # autocast), as the attention matmuls read them, not cast again per clip run
+        q, k = (
+            apply_rope_cis(norm(t), rope).to(v.dtype)
+            for norm, t in ((self.q_norm, q), (self.k_norm, k))
+        )
+        return q, k, v
 
 
 class CrossAttention(nn.Module):
@@ -280,11 +286,12 @@ class CrossAttention(nn.Module):
         k, v = rearrange(
             self.kv(text), "t (two h d) -> two t h d", two=2, h=self.num_heads
         )  # (T, H, hd)
-        return _scatter_rows(self.k_norm(k), mask), _scatter_rows(v, mask)
+        return _scatter_rows(self.k_norm(k).to(v.dtype), mask), _scatter_rows(v, mask)
 
     def query_heads(self, x: Tensor) -> Tensor:
-        """x (..., D) -> QK-normed queries (N, H, hd)."""
-        return self.q_norm(rearrange(self.q(x), "... (h d) -> (...) h d", h=self.num_heads))
+        """x (..., D) -> QK-normed queries (N, H, hd) in the projection's dtype."""
+        q = rearrange(self.q(x), "... (h d) -> (...) h d", h=self.num_heads)
+        return self.q_norm(q).to(q.dtype)
 
 
 def _scatter_rows(rows: Tensor, mask: Tensor) -> Tensor:

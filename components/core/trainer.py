@@ -116,6 +116,19 @@ def run_workers(
     return json.loads(Path(payload["result"]).read_text())
 
 
+# glibc malloc in a training process: keep freed memory for the next step instead of handing it
+# back to the OS. Every step allocates the same activations again; with glibc's defaults the
+# large ones are mmapped and page-faulted afresh (a 5 MB copy then took ~17 ms). Measured on the
+# demo-shaped DiT step, 1 thread, in alternating runs: 4-6 % faster. RSS stays at its high-water
+# mark, which a training process reaches every step anyway. An environment value set by the
+# user wins.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
+    "MALLOC_TOP_PAD_": str(256 * 2**20),
+}
+
+
 def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Path) -> None:
     """Run ``entry`` (``"module:function"``) in ``num_processes`` DeepSpeed processes.
 
@@ -141,8 +154,8 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    for name, value in cache_env(Environment.read().home).items():  # kernels survive retries
-        env.setdefault(name, value)
+    for name, value in {**cache_env(Environment.read().home), **MALLOC_ENV}.items():
+        env.setdefault(name, value)  # compiled kernels survive retries (cache_env)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         for line in proc.stdout:  # everything to the log; progress lines also to our stdout

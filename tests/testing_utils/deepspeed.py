@@ -60,3 +60,10 @@ def train(payload: dict) -> list[float]:
 
 def worker(payload: dict) -> None:
     train(payload)
+
+
+def environment(payload: dict) -> None:
+    """Write the environment variables named in ``payload["names"]`` to ``payload["out"]``."""
+    import os
+
+    Path(payload["out"]).write_text(json.dumps({n: os.environ.get(n) for n in payload["names"]}))

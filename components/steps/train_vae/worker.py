@@ -105,7 +105,7 @@ def worker(payload: dict[str, Any]) -> None:
     perceptual = load_lpips(tv.lpips_weights) if tv.lpips_weights else None
     trainer = tr.Trainer(vae, train, Path(payload["checkpoint_dir"]), payload.get("mlflow_run_id"))
     device, rank0 = trainer.device, trainer.rank == 0
-    compiled = compile_regions(trainer.model, train.compile, device)  # the ResBlocks
+    compiled = compile_regions(trainer.model, train.compile, device)  # encoder, decoder
     log.info("compile: %s", compiled["reason"])
     disc_opt = None
     if disc is not None:

@@ -136,3 +136,20 @@ def test_failing_worker_reports_its_log(tmp_path):
 
     with pytest.raises(TrainingFailed, match="full log"):
         launch("tests.testing_utils.deepspeed:no_such_entry", {}, 1, tmp_path / "fail.log")
+
+
+def test_workers_get_the_kernel_cache_and_malloc_settings(tessera_home, tmp_path, monkeypatch):
+    """Launched processes keep compiled kernels under TESSERA_HOME and freed memory in the heap
+    (trainer.MALLOC_ENV); a value the user exported wins."""
+    from components.core.trainer import MALLOC_ENV
+
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")
+    out = tmp_path / "env.json"
+    names = ["TORCHINDUCTOR_CACHE_DIR", *MALLOC_ENV]
+    payload = {"out": str(out), "names": names}
+    launch("tests.testing_utils.deepspeed:environment", payload, 1, tmp_path / "env.log")
+    env = json.loads(out.read_text())
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tessera_home / "cache" / "inductor")
+    assert env["MALLOC_MMAP_THRESHOLD_"] == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
+    assert env["MALLOC_TRIM_THRESHOLD_"] == MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
+    assert env["MALLOC_TOP_PAD_"] == "12345"
