@@ -297,10 +297,7 @@ class WholeClipRegion:
         return self.run(x, cache)
 
     def whole_clip(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)
-
-    def run(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        return self.run(x)  # the subclass's ``run(x, cache=None)``
 
 
 # --------------------------------------------------------------------------- encoder
