@@ -154,8 +154,11 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    for name, value in {**cache_env(Environment.read().home), **MALLOC_ENV}.items():
-        env.setdefault(name, value)  # compiled kernels survive retries (cache_env)
+    for name, value in MALLOC_ENV.items():
+        env.setdefault(name, value)
+    # compiled kernels survive retries: always under TESSERA_HOME (inductor itself exports its
+    # /tmp default into os.environ once anything in this process has compiled)
+    env.update(cache_env(Environment.read().home))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         for line in proc.stdout:  # everything to the log; progress lines also to our stdout

@@ -139,11 +139,13 @@ def test_failing_worker_reports_its_log(tmp_path):
 
 
 def test_workers_get_the_kernel_cache_and_malloc_settings(tessera_home, tmp_path, monkeypatch):
-    """Launched processes keep compiled kernels under TESSERA_HOME and freed memory in the heap
-    (trainer.MALLOC_ENV); a value the user exported wins."""
+    """Launched processes keep compiled kernels under TESSERA_HOME (even after inductor exported
+    its /tmp default in this process) and freed memory in the heap (trainer.MALLOC_ENV, where an
+    exported value wins)."""
     from components.core.trainer import MALLOC_ENV
 
     monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/torchinductor_root")  # inductor's own
     out = tmp_path / "env.json"
     names = ["TORCHINDUCTOR_CACHE_DIR", *MALLOC_ENV]
     payload = {"out": str(out), "names": names}
