@@ -543,12 +543,14 @@ class DiT(Pretrained, nn.Module):
 
 # --------------------------------------------------------------------------- size registry
 
-# Widths/depths follow DiT-S/B/L/XL (head dim 64, 72 for xl); xs is the CPU demo size and
-# tiny the unit-test size (seconds per hundred steps on one CPU core).
+# Widths/depths follow DiT-S/B/L/XL (head dim 64, 72 for xl); xs is the CPU demo size, xxs the
+# step below it for iso-FLOP sweeps on a CPU (about a decade apart in parameters: tiny, xxs, xs)
+# and tiny the unit-test size (seconds per hundred steps on one CPU core).
 DIT_SIZES: SizeRegistry[DiTConfig] = SizeRegistry(
     "DiT",
     {
         "tessera-tiny": DiTConfig(hidden_size=32, depth=2, num_heads=2),
+        "tessera-xxs": DiTConfig(hidden_size=128, depth=4, num_heads=2),
         "tessera-xs": DiTConfig(hidden_size=256, depth=6, num_heads=4),
         "tessera-s": DiTConfig(hidden_size=384, depth=12, num_heads=6),
         "tessera-m": DiTConfig(hidden_size=768, depth=12, num_heads=12),
