@@ -44,7 +44,10 @@ RunId = Annotated[
 ]
 NoTrack = Annotated[bool, typer.Option("--no-track", help="Do not log to MLflow.")]
 ModelDir = Annotated[
-    str, typer.Option("--model", help="Model directory (vae/ + dit/), e.g. the train_dit output.")
+    str,
+    typer.Option(
+        "--model", help="Model directory (vae/ + dit/): the sweep's or train_dit's output."
+    ),
 ]
 _RUN_OPTIONS = [
     inspect.Parameter(
@@ -186,6 +189,41 @@ def train_dit(
 ) -> dict:
     """Train the diffusion transformer on packed spacetime patches with DeepSpeed."""
     return {"latents": latents, "vae": vae}
+
+
+@app.command("sweep")
+def sweep(
+    latents: Annotated[str, typer.Argument(help="The encode output's latents/ directory.")],
+    vae: Annotated[
+        str | None, typer.Option(help="VAE directory: samples per point and a complete model.")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (runs, steps, FLOPs, time); train nothing."),
+    ] = False,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Train one DiT per compute budget (x size x variant) with DeepSpeed, fit the scaling law
+    L(C) = a*C^-b + L_inf, and select the best run (set sweep.budgets, in training FLOPs)."""
+    from components.core import runner
+    from components.steps import sweep as step
+    from components.steps.sweep.plan import table
+
+    cfg = _config(profile, overrides)
+    if dry_run:
+        typer.echo(table(step.plan_rows(cfg, latents)))
+        return
+    track = not no_track
+    ctx = (
+        runner.RunContext(run_id, "cli", None, track)
+        if run_id
+        else runner.RunContext.new("cli", track=track)
+    )
+    outputs = runner.run_in_process(step.STEP, cfg, ctx, latents=latents, vae=vae)
+    typer.echo(json.dumps(outputs, indent=2, sort_keys=True, default=str))
 
 
 @step_command("train_evaluator")
@@ -332,7 +370,8 @@ def _print_summary(summary: dict) -> None:
         "dataset rev": summary["version"]["dataset_rev"],
         "vae": f"{vae['vae']} (held-out real footage PSNR "
         f"{'n/a' if holdout is None else f'{holdout:.2f}'} dB)",
-        "model": summary["train_dit"].get("model", summary["train_dit"]["dit"]),
+        "sweep": _sweep_line(summary["sweep"]),
+        "model": summary["sweep"].get("model", summary["sweep"]["dit"]),
         "samples": summary["generate"]["samples"],
         "colour following": _colour_line(summary.get("evaluate")),
     }
@@ -341,6 +380,16 @@ def _print_summary(summary: dict) -> None:
         lines["report"] = summary["evaluate"]["report"]
     for key, value in lines.items():
         typer.echo(f"  {key:<16} {value}")
+
+
+def _sweep_line(sweep: dict) -> str:
+    fits = ", ".join(
+        f"{variant}: "
+        + (f"L ~ C^-{fit['b']:.3f}" if "b" in fit else f"{fit['budgets']} budgets")
+        + ("" if fit["monotonic"] else " (loss not monotonic)")
+        for variant, fit in sweep["fits"].items()
+    )
+    return f"{sweep['points']} runs, best {sweep['best']} (val loss {sweep['best_val_loss']:.4f}); {fits}"
 
 
 def _colour_line(evaluated: dict | None) -> str:

@@ -20,9 +20,11 @@ reason), `validate` checks it with the Great Expectations suite (Data Docs logge
 `version` commits it to DVC (one run at a time: pool `tessera_dvc`); the training steps read
 that versioned dataset and are tagged with its revision. `train_vae` trains the video VAE
 (DeepSpeed), `encode` encodes every clip at native size into latent shards (planned by
-`encode_plan`, mapped over `encode_shard`), `train_dit` trains the diffusion transformer on
-packed spacetime patches (DeepSpeed), `generate` renders sample videos at 16:9, 9:16, 1:1 and a
-still image. `train_evaluator` trains the in-domain video–text model (the extractor of
+`encode_plan`, mapped over `encode_shard`). The compute sweep trains the diffusion transformer
+on packed spacetime patches once per planned budget: `sweep_plan` plans the runs from the
+analytic FLOP count, `sweep_point` trains one with DeepSpeed (pool `accelerator`, a nested
+MLflow run each; a failed point is retried alone and resumes), `sweep` fits the scaling law and
+selects the best run. `generate` renders sample videos at 16:9, 9:16, 1:1 and a still image. `train_evaluator` trains the in-domain video–text model (the extractor of
 `fvd_domain` / `clip_score_domain`, validated on held-out clips), and `evaluate` samples the
 held-out captions and a fixed prompt set with fixed seeds and computes FVD, CLIP score, VAE
 reconstruction and, on the demo corpus, colour following and framing, writing `report.html`.
@@ -41,6 +43,7 @@ PARAMS = {
     "track": Param(True, type="boolean", description="log to MLflow"),
 }
 DVC_POOL = "tessera_dvc"  # one slot: DVC and git cannot run concurrently in one workspace
+ACCELERATOR_POOL = "accelerator"  # training runs: as many slots as runs the machines hold
 
 
 @dag(
@@ -123,13 +126,25 @@ def tessera_pipeline():
 
         return tasks.run_task("encode", dict(params), run, parts=tasks.gather(shards))
 
-    @task(execution_timeout=timedelta(hours=72))
-    def train_dit(run: dict, latents: dict, vae: dict, params=None) -> dict:
+    @task(execution_timeout=timedelta(minutes=30))
+    def sweep_plan(run: dict, latents: dict, params=None) -> list:
         from components.orchestration import tasks
 
-        return tasks.run_task(
-            "train_dit", dict(params), run, latents=latents["latents"], vae=vae["vae"]
+        return tasks.plan_task("sweep", dict(params), run, latents=latents["latents"])
+
+    @task(pool=ACCELERATOR_POOL, execution_timeout=timedelta(hours=72))
+    def sweep_point(run: dict, latents: dict, vae: dict, point: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.part_task(
+            "sweep", dict(params), run, point, latents=latents["latents"], vae=vae["vae"]
         )
+
+    @task(execution_timeout=timedelta(hours=1))
+    def sweep(run: dict, points: list, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task("sweep", dict(params), run, parts=tasks.gather(points))
 
     @task(execution_timeout=timedelta(hours=2))
     def generate(run: dict, dit: dict, params=None) -> dict:
@@ -178,7 +193,10 @@ def tessera_pipeline():
         shard=encode_plan(run, dataset)
     )
     latents = encode(run, shards)
-    dit = train_dit(run, latents, vae)
+    points = sweep_point.partial(run=run, latents=latents, vae=vae).expand(
+        point=sweep_plan(run, latents)
+    )
+    dit = sweep(run, points)
     evaluator = train_evaluator(run, dataset)
     evaluated = evaluate(run, dataset, dit, evaluator)
     steps = [demo, ingested, validated, dataset, vae, latents, dit, generate(run, dit)]

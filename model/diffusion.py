@@ -256,10 +256,20 @@ class FlowMatching:
         )
 
     def sample_timesteps(
-        self, num_tokens: Tensor, generator: torch.Generator | None = None
+        self,
+        num_tokens: Tensor,
+        generator: torch.Generator | None = None,
+        quantile: float | None = None,
     ) -> Tensor:
-        """Logit-normal, shifted flow times (B,) for clips of ``num_tokens`` (B,) tokens."""
-        n = _randn((num_tokens.shape[0],), generator, num_tokens.device)
+        """Logit-normal, shifted flow times (B,) for clips of ``num_tokens`` (B,) tokens; with
+        ``quantile`` (in (0, 1)) that quantile of the distribution instead of a random draw."""
+        if quantile is not None:
+            if not 0.0 < quantile < 1.0:
+                raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+            q = torch.full((num_tokens.shape[0],), quantile, dtype=torch.float64)
+            n = torch.special.ndtri(q).float().to(num_tokens.device)
+        else:
+            n = _randn((num_tokens.shape[0],), generator, num_tokens.device)
         t = torch.sigmoid(self.config.logit_mean + self.config.logit_std * n)  # (B,)
         return time_shift(t, self.shift_for(num_tokens))
 
@@ -293,6 +303,7 @@ class FlowMatching:
         loss_mask: Tensor | None = None,
         null_text: Tensor | None = None,
         null_mask: Tensor | None = None,
+        timestep_quantile: float | None = None,
     ) -> LossOutput:
         """Flow-matching loss of one packed batch.
 
@@ -304,11 +315,13 @@ class FlowMatching:
             generator: RNG for timesteps, noise and text dropout.
             loss_mask: (N,) bool/float, tokens that count (e.g. exclude conditioning frames).
             null_text, null_mask: the null condition for text dropout (default: no text).
+            timestep_quantile: every clip at this quantile of the timestep distribution instead
+                of a random time (a deterministic validation grid).
         """
         cfg = self.config
         x0, seg_ids, device = batch.tokens, batch.seg_ids, batch.tokens.device
         num_clips = batch.num_segments
-        t = self.sample_timesteps(batch.grid_tokens.to(device), generator)  # (B,)
+        t = self.sample_timesteps(batch.grid_tokens.to(device), generator, timestep_quantile)
         noise = _randn(x0.shape, generator, device).to(x0.dtype)  # (N, D)
         t_tok = t[seg_ids][:, None].to(x0.dtype)  # (N, 1)
         x_t = interpolate(x0, noise, t_tok)  # (N, D)

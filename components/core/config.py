@@ -100,7 +100,11 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    zero_stage: int = 0  # 0-3; ZeRO >= 1 shards optimizer state across processes
+    # DeepSpeed config: a file of infra/deepspeed/ by name (zero0..zero3, zero2-bf16, zero3-bf16,
+    # zero2-offload, zero3-offload) or a path to a JSON file. Batch sizes, accumulation, clipping
+    # and bf16 are "auto" there: the Trainer fills them from this section
+    # (components.core.trainer.deepspeed_config). ZeRO >= 1 shards optimizer state across processes.
+    deepspeed: str = "zero0"
     # auto: bf16 on CUDA, and on CPUs whose bf16 matmuls are measured >= 1.5x faster than fp32
     # (AVX512-BF16 / AMX). CPU bf16 = autocast over fp32 weights + optimizer, losses in fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -116,13 +120,97 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         for name in ("steps", "micro_batch", "grad_accum", "num_processes", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        self.deepspeed_file()  # exists, parses, and leaves TrainConfig's keys to TrainConfig
+
+    # DeepSpeed keys TrainConfig owns: "auto" (or absent) in the files, filled in by the Trainer
+    DEEPSPEED_OWNED: typing.ClassVar[dict[str, str]] = {
+        "train_batch_size": "micro_batch x grad_accum x processes",
+        "train_micro_batch_size_per_gpu": "micro_batch",
+        "gradient_accumulation_steps": "grad_accum",
+        "gradient_clipping": "grad_clip",
+        "bf16.enabled": "precision (bf16 weights on CUDA)",
+    }
+
+    @staticmethod
+    def deepspeed_dir() -> Path:
+        """``infra/deepspeed`` of the repository (the code runs from it: editable install)."""
+        return Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
+
+    def deepspeed_path(self) -> Path:
+        """The JSON file ``deepspeed`` names: ``infra/deepspeed/<name>.json`` or a path."""
+        value = self.deepspeed
+        if value.endswith(".json") or "/" in value or os.sep in value:
+            return Path(value).expanduser()
+        return self.deepspeed_dir() / f"{value}.json"
+
+    def deepspeed_file(self) -> dict[str, Any]:
+        """The parsed DeepSpeed file, validated: ValueError names what is wrong and the fix."""
+        import json
+
+        path = self.deepspeed_path()
+        if not path.is_file():
+            names = sorted(p.stem for p in self.deepspeed_dir().glob("*.json"))
+            raise ValueError(
+                f"deepspeed={self.deepspeed!r}: {path} does not exist; use one of {names} "
+                f"(files of {self.deepspeed_dir()}) or a path to a DeepSpeed JSON file"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            msg = f"deepspeed={self.deepspeed!r}: {path} is not valid JSON: {exc}"
+            raise ValueError(msg) from None
+        if not isinstance(data, dict):
+            raise ValueError(f"deepspeed={self.deepspeed!r}: {path} must hold a JSON object")
+        stage = data.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+            raise ValueError(
+                f"deepspeed={self.deepspeed!r}: zero_optimization.stage must be 0, 1, 2 or 3 "
+                f"in {path}, got {stage!r}"
+            )
+        for key in ("optimizer", "scheduler"):
+            if key in data:
+                raise ValueError(
+                    f"deepspeed={self.deepspeed!r}: {path} sets {key!r}; the Trainer builds "
+                    "AdamW and its warm-up/cosine schedule from TrainConfig (lr, betas, "
+                    "weight_decay, warmup_steps, schedule): remove it"
+                )
+
+        def autos(node: Any, prefix: str = "") -> list[str]:
+            if isinstance(node, dict):
+                return [k for key, v in node.items() for k in autos(v, f"{prefix}{key}.")]
+            return [prefix[:-1]] if node == "auto" else []
+
+        for key, owner in self.DEEPSPEED_OWNED.items():
+            head, _, tail = key.partition(".")
+            value = data.get(head)
+            if tail and isinstance(value, dict):
+                value = value.get(tail, "auto")
+            if key == "bf16.enabled":
+                if value not in (None, "auto", True, False):
+                    raise ValueError(f"deepspeed={self.deepspeed!r}: bf16.enabled must be a bool")
+                continue  # a pinned bool is checked against precision where it resolves
+            if value not in (None, "auto"):
+                raise ValueError(
+                    f"deepspeed={self.deepspeed!r}: {path} sets {key}={value!r}; TrainConfig "
+                    f'sets it (from {owner}): write "auto" there or leave it out'
+                )
+        stray = [k for k in autos(data) if k not in self.DEEPSPEED_OWNED]
+        if stray:
+            raise ValueError(
+                f'deepspeed={self.deepspeed!r}: {path} has "auto" at {stray}; only '
+                f"{sorted(self.DEEPSPEED_OWNED)} are filled in by the Trainer"
+            )
+        return data
+
+    @property
+    def zero_stage(self) -> int:
+        """``zero_optimization.stage`` of the DeepSpeed file (0-3)."""
+        return int(self.deepspeed_file().get("zero_optimization", {}).get("stage", 0))
 
 
 @dataclass(frozen=True)
@@ -166,8 +254,9 @@ class TrainVAEConfig:
             raise ValueError(f"train_vae.crop_size={list(self.crop_size)} must be positive")
         if self.train.zero_stage == 3:
             raise ValueError(
-                "train_vae.train.zero_stage=3 is not supported: evaluation and export "
-                "read the whole VAE on rank 0; use stage 0-2 (the VAE is small)"
+                f"train_vae.train.deepspeed={self.train.deepspeed} (ZeRO stage 3) is not "
+                "supported: evaluation and export read the whole VAE on rank 0; use a stage 0-2 "
+                "file such as zero2 (the VAE is small)"
             )
 
 
@@ -217,11 +306,17 @@ class TrainDiTConfig:
     attention_backend: Literal["auto", "sdpa_segments", "dense_mask", "flex"] = "auto"
     gradient_checkpointing: bool = False
     val_clips: int = 4  # held-out clips for the validation loss (from the val split if any)
+    val_timesteps: int = 8  # the validation loss's timestep grid (quantiles of the training times)
     eval_every: int = 100
     sample_every: int = 200  # needs the train_vae output; samples also at the end
     sample_frames: int = 9
     sample_pixels: int = 64 * 64  # height * width of the samples at every aspect ratio
     sample_steps: int = 20
+    # training variants the compute sweep compares (validation always reads native clips with
+    # their long captions): square_crop centre-crops every training latent to a square;
+    # captions=short trains on the short caption where a clip has one
+    framing: Literal["native", "square_crop"] = "native"
+    captions: Literal["original", "short", "recaptioned"] = "original"
     # train.micro_batch is packs per process per micro-step: a step sees
     # micro_batch * grad_accum * num_processes packs of up to token_budget tokens.
     train: TrainConfig = field(
@@ -232,6 +327,44 @@ class TrainDiTConfig:
         for name in ("drop_rate", "short_caption_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.val_timesteps < 1:
+            raise ValueError(f"val_timesteps must be >= 1, got {self.val_timesteps}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Training runs across compute budgets (``tessera sweep``): one ``train_dit`` run per plan
+    row (budget x size x variant), a scaling law fitted to their validation losses, and the best
+    run selected as the pipeline's model. See :mod:`components.steps.sweep`."""
+
+    # training FLOPs per run (model.flops: forward + backward); empty: one run of
+    # train_dit.train.steps, as train_dit alone trains
+    budgets: tuple[float, ...] = ()
+    sizes: tuple[str, ...] = ()  # DiT sizes at every budget (iso-FLOP); empty: train_dit.size
+    framings: tuple[Literal["native", "square_crop"], ...] = ("native",)
+    captions: tuple[Literal["original", "short", "recaptioned"], ...] = ("original",)
+    min_steps: int = 20  # a budget planned below this many steps gets fewer tokens per step
+    plan_steps: int = 64  # packs of the training stream the plan averages FLOPs per step over
+    expected_mfu: float = 0.2  # share of the calibrated matmul peak: the plan's expected time
+    bootstrap: int = 1000  # resamples of the law's confidence intervals
+    confidence: float = 0.9
+
+    def __post_init__(self) -> None:
+        if any(not b > 0 for b in self.budgets):
+            raise ValueError(f"sweep.budgets must be positive FLOP counts, got {self.budgets}")
+        if len(set(self.budgets)) != len(self.budgets) or len(set(self.sizes)) != len(self.sizes):
+            raise ValueError(
+                f"sweep.budgets and sweep.sizes must not repeat, got {self.budgets}, {self.sizes}"
+            )
+        if not self.framings or not self.captions:
+            raise ValueError("sweep.framings and sweep.captions need at least one value each")
+        if self.min_steps < 1 or self.plan_steps < 1:
+            raise ValueError("sweep.min_steps and sweep.plan_steps must be >= 1")
+        if not 0 < self.expected_mfu <= 1 or not 0 < self.confidence < 1:
+            raise ValueError(
+                f"sweep.expected_mfu must be in (0, 1] and confidence in (0, 1), got "
+                f"{self.expected_mfu}, {self.confidence}"
+            )
 
 
 @dataclass(frozen=True)
@@ -377,6 +510,7 @@ class TesseraConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     text: TextConfig = field(default_factory=TextConfig)
     train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     train_evaluator: TrainEvaluatorConfig = field(default_factory=TrainEvaluatorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -408,6 +542,7 @@ class Environment:
     world_size: int = 1
     local_rank: int = 0
     node_modules: Path | None = None  # TESSERA_NODE_MODULES: the Data Docs' npm assets elsewhere
+    faults: str = ""  # TESSERA_FAULTS: failures on purpose (components.core.faults)
 
     @classmethod
     def read(cls) -> Environment:
@@ -424,6 +559,7 @@ class Environment:
             node_modules=Path(os.environ["TESSERA_NODE_MODULES"])
             if os.environ.get("TESSERA_NODE_MODULES")
             else None,
+            faults=os.environ.get("TESSERA_FAULTS", ""),
         )
 
 

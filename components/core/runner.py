@@ -56,9 +56,12 @@ class StepSpec:
         checkpoints: the step keeps checkpoints; :func:`run_step` passes ``checkpoint_dir``, a
             directory outside the staging area that a retried task resumes from.
         check: ``check(cfg)`` raises on a config the step cannot run with, before any work.
-        plan: for a step in parts, ``plan(cfg, **inputs) -> [part, ...]`` (small dicts).
+        plan: for a step in parts, ``plan(cfg, **inputs) -> [part, ...]`` (small dicts; a
+            ``key`` names a part's directory, else its index does).
         part: ``part(cfg, workdir, part, **inputs) -> StepResult`` for one of them; ``run``
-            then receives ``parts``, the list of their outputs.
+            then receives ``parts``, the list of their outputs. With ``checkpoints`` a part gets
+            its own ``checkpoint_dir``; a plan or part function with a ``ctx`` parameter gets
+            the :class:`RunContext` (to log into MLflow runs of its own).
     """
 
     name: str
@@ -92,9 +95,15 @@ def step_uri(cfg: TesseraConfig, run_id: str, step: str) -> str:
     return storage.join(cfg.store_uri(), "runs", run_id, step)
 
 
+def part_key(part: dict[str, Any]) -> str:
+    """A part's identity: its ``key`` when the plan names one (stable when the plan changes),
+    else its index as ``00000``."""
+    return str(part["key"]) if part.get("key") else f"{part['index']:05d}"
+
+
 def part_uri(cfg: TesseraConfig, run_id: str, step: str, part: dict[str, Any]) -> str:
-    """Where one part of a step commits: ``runs/{run_id}/{step}-parts/{index:05d}``."""
-    return storage.join(cfg.store_uri(), "runs", run_id, f"{step}-parts", f"{part['index']:05d}")
+    """Where one part of a step commits: ``runs/{run_id}/{step}-parts/{key}``."""
+    return storage.join(cfg.store_uri(), "runs", run_id, f"{step}-parts", part_key(part))
 
 
 def checkpoint_dir(ctx: RunContext, step: str) -> Path:
@@ -124,7 +133,7 @@ def run_step(spec: StepSpec, cfg: TesseraConfig, ctx: RunContext, **inputs: Any)
         return done
     if spec.check is not None:
         spec.check(cfg)
-    if spec.checkpoints:
+    if spec.checkpoints and spec.part is None:  # a step in parts: its parts keep them
         inputs["checkpoint_dir"] = checkpoint_dir(ctx, spec.name)
     parts = inputs.get("parts") if spec.part is not None else None
     outputs = _transaction(out, spec.name, cfg, ctx, spec.run, inputs, ctx.track, parts)
@@ -135,13 +144,21 @@ def run_step(spec: StepSpec, cfg: TesseraConfig, ctx: RunContext, **inputs: Any)
     return outputs
 
 
-def plan_parts(spec: StepSpec, cfg: TesseraConfig, **inputs: Any) -> list[dict[str, Any]]:
+def plan_parts(
+    spec: StepSpec, cfg: TesseraConfig, ctx: RunContext | None = None, **inputs: Any
+) -> list[dict[str, Any]]:
     """The parts of a step in parts (``spec.plan``), each numbered by ``index``."""
     if spec.plan is None or spec.part is None:
         raise TypeError(f"step {spec.name} does not run in parts (its spec has no plan/part)")
     if spec.check is not None:
         spec.check(cfg)
-    return [{**part, "index": i} for i, part in enumerate(spec.plan(cfg, **inputs))]
+    if ctx is not None and _takes_context(spec.plan):
+        inputs["ctx"] = ctx
+    parts = [{**part, "index": i} for i, part in enumerate(spec.plan(cfg, **inputs))]
+    keys = [part_key(p) for p in parts]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"step {spec.name} planned parts with repeated keys: {keys}")
+    return parts
 
 
 def run_part(
@@ -153,6 +170,10 @@ def run_part(
     if done is not None:
         return done
     fn = spec.part
+    if spec.checkpoints:  # a training part resumes from its own checkpoints
+        inputs["checkpoint_dir"] = checkpoint_dir(ctx, spec.name) / part_key(part)
+    if _takes_context(fn):
+        inputs["ctx"] = ctx
 
     def body(cfg: TesseraConfig, workdir: Path, **kw: Any) -> StepResult:
         return fn(cfg, workdir, part, **kw)
@@ -170,8 +191,15 @@ def run_in_process(
     done = committed_outputs(step_uri(cfg, ctx.run_id, spec.name))
     if done is not None:
         return done
-    parts = [run_part(spec, cfg, ctx, p, **inputs) for p in plan_parts(spec, cfg, **inputs)]
+    planned = plan_parts(spec, cfg, ctx, **inputs)
+    parts = [run_part(spec, cfg, ctx, p, **inputs) for p in planned]
     return run_step(spec, cfg, ctx, parts=parts)
+
+
+def _takes_context(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return "ctx" in inspect.signature(fn).parameters
 
 
 def _transaction(

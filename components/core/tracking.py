@@ -122,17 +122,45 @@ def git_sha() -> str:
         return "unknown"
 
 
-def find_run(experiment_id: str, run_id: str, step: str):
-    """The latest MLflow run tagged with this pipeline run id and step, or None."""
+def find_run(experiment_id: str, run_id: str, step: str, part: str | None = None):
+    """The latest MLflow run tagged with this pipeline run id and step (and ``tessera.part``,
+    for one part of a step in parts), or None."""
     import mlflow
 
+    query = f"tags.`tessera.run_id` = '{run_id}' and tags.`tessera.step` = '{step}'"
+    if part is not None:
+        query += f" and tags.`tessera.part` = '{part}'"
     runs = mlflow.MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=f"tags.`tessera.run_id` = '{run_id}' and tags.`tessera.step` = '{step}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        [experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
     )
     return runs[0] if runs else None
+
+
+def ensure_step_run(
+    cfg: TesseraConfig,
+    step: str,
+    *,
+    pipeline: str,
+    run_id: str,
+    parent_run_id: str | None = None,
+) -> str:
+    """MLflow run id of one step's run, created (RUNNING, not activated) when it has none yet: for
+    work that logs into a step's run before the step itself runs (a sweep's plan, its points'
+    nested runs). :func:`step_run` later resumes it."""
+    import mlflow
+
+    setup()
+    experiment_id = ensure_experiment(experiment_name(pipeline, cfg))
+    existing = find_run(experiment_id, run_id, step)
+    if existing is not None:
+        return existing.info.run_id
+    client = mlflow.MlflowClient()
+    tags = standard_tags(cfg, run_id, step)
+    if parent_run_id is not None:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=step, tags=tags)
+    _log_config(client, run.info.run_id, cfg)
+    return run.info.run_id
 
 
 def standard_tags(cfg: TesseraConfig, run_id: str, step: str, **extra: str) -> dict[str, str]:
@@ -224,8 +252,10 @@ def step_run(
     run_id: str,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    part: str | None = None,
 ) -> Iterator[Any]:
-    """Open (or resume) the MLflow run of one step, nested under the pipeline's parent run.
+    """Open (or resume) the MLflow run of one step, nested under the pipeline's parent run (or
+    of one ``part`` of it, tagged ``tessera.part``, nested under the step's run).
 
     Yields the active ``mlflow.ActiveRun``; params, tags and ``config.yaml`` are logged.
     """
@@ -233,13 +263,15 @@ def step_run(
 
     setup()
     experiment_id = ensure_experiment(experiment_name(pipeline, cfg))
-    existing = find_run(experiment_id, run_id, step)
+    existing = find_run(experiment_id, run_id, step, part)
     resume_id = existing.info.run_id if existing and existing.info.status != "FINISHED" else None
     all_tags = standard_tags(cfg, run_id, step, **(tags or {}))
+    if part is not None:
+        all_tags["tessera.part"] = part
     with mlflow.start_run(
         run_id=resume_id,
         experiment_id=experiment_id,
-        run_name=None if resume_id else step,
+        run_name=None if resume_id else (part or step),
         parent_run_id=parent_run_id,
         nested=parent_run_id is not None,
         tags=all_tags,

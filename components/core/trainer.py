@@ -6,10 +6,12 @@
   components.core.trainer ENTRY PAYLOAD``, keeps their log beside the checkpoints (it survives a
   failed attempt) and returns what rank 0 wrote; multi-node runs use the same entry under the
   ``deepspeed`` launcher or ``torchrun --nnodes``.
-- :class:`Trainer` wraps a DeepSpeed engine: AdamW + warm-up/cosine schedule, gradient clipping,
-  ZeRO stage and precision from :class:`TrainConfig`, optional EMA weights, checkpoints every N
-  steps that hold everything a resume needs (weights, optimizer, scheduler, RNG of every rank,
-  data position) and only rank 0 talks to MLflow.
+- :class:`Trainer` wraps a DeepSpeed engine: AdamW + warm-up/cosine schedule, gradient clipping
+  and precision from :class:`TrainConfig`, ZeRO 0-3 from the DeepSpeed file it names
+  (``train.deepspeed``: ``infra/deepspeed/*.json``, completed by :func:`deepspeed_config`),
+  optional EMA weights (gathered under ZeRO-3), checkpoints every N steps that hold everything a
+  resume needs (weights, optimizer, scheduler, RNG of every rank, data position, the process
+  count and ZeRO stage they were written with) and only rank 0 talks to MLflow.
 - :class:`ResumableSampler` gives every rank a deterministic, resumable stream of indices.
 
 Checkpoints live outside the step's staging directory (``checkpoint_dir``), so a retried task
@@ -45,6 +47,10 @@ T = TypeVar("T")
 # Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
 # progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
 PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"train_evaluator:", b"[rank0]:", b"Traceback")
+
+
+# ds_to_universal's output for checkpoint step-0000100 goes to step-0000100-universal
+UNIVERSAL_SUFFIX = "-universal"
 
 
 class TrainingFailed(RuntimeError):
@@ -129,28 +135,46 @@ MALLOC_ENV = {
 }
 
 
-def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Path) -> None:
+LAUNCHERS = ("torchrun", "deepspeed")
+
+
+def launch(
+    entry: str,
+    payload: dict[str, Any],
+    num_processes: int,
+    log_path: Path,
+    *,
+    launcher: str = "torchrun",
+) -> None:
     """Run ``entry`` (``"module:function"``) in ``num_processes`` DeepSpeed processes.
 
     The payload is written next to the log as JSON and passed to every process. Output of all
     ranks goes to ``log_path``; a non-zero exit raises :class:`TrainingFailed` with its tail.
+
+    ``launcher``: ``torchrun`` (the default) or DeepSpeed's ``deepspeed`` launcher. Both work
+    on this CPU-only machine with 1-2 gloo processes (DeepSpeed's CPU accelerator: ``deepspeed
+    --num_gpus 2`` starts 2 local ranks); the workers are the same. torchrun stays the default
+    for one node because the ``deepspeed`` launcher imports deepspeed twice (its runner, then
+    ``deepspeed.launcher.launch``) before any worker starts: a 2-process launch took 17.5 s
+    against torchrun's 4.3 s here, on every launch of every test and training step, and adds
+    nothing on one node. Multi-node runs use the ``deepspeed`` launcher with a hostfile
+    (infra/README.md). It needs ``--no_local_rank`` (else it prepends ``--local_rank=N`` to our
+    arguments) and a free ``--master_port`` (it defaults to a fixed 29500).
     """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     payload_path = log_path.with_suffix(".payload.json")
     payload_path.write_text(json.dumps(payload, indent=2, default=str))
-    torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun),
-        "--standalone",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(num_processes),
-        "-m",
-        "components.core.trainer",
-        entry,
-        str(payload_path),
-    ]
+    worker = ["components.core.trainer", entry, str(payload_path)]
+    if launcher == "torchrun":
+        torchrun = Path(sys.executable).with_name("torchrun")
+        cmd = [str(torchrun), "--standalone", "--nnodes", "1"]
+        cmd += ["--nproc-per-node", str(num_processes), "-m", *worker]
+    else:
+        deepspeed = Path(sys.executable).with_name("deepspeed")
+        cmd = [str(deepspeed), "--num_nodes", "1", "--num_gpus", str(num_processes)]
+        cmd += ["--master_port", str(_free_port()), "--no_local_rank", "--module", *worker]
     env = dict(os.environ)
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -174,6 +198,14 @@ def launch(entry: str, payload: dict[str, Any], num_processes: int, log_path: Pa
             f"{entry} failed with exit code {proc.returncode} on {num_processes} process(es); "
             f"full log: {log_path}\n{tail}"
         )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _worker_main(entry: str, payload_path: str) -> None:
@@ -218,13 +250,12 @@ def init_distributed(train: TrainConfig) -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # plain `python`, no launcher: a world of one on loopback
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
         )
     if not train.cpu_shm_comm and not torch.cuda.is_available():
         # The shared-memory CPU all-reduce JIT-compiles a C++ op (minutes on a fresh machine);
@@ -393,6 +424,38 @@ def bf16_weights(train: TrainConfig) -> bool:
     return precision(train) == "bf16" and torch.cuda.is_available()
 
 
+def deepspeed_config(train: TrainConfig, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config a :class:`Trainer` initialises with: the file ``train.deepspeed``
+    names (``infra/deepspeed/<name>.json`` or a path; validated by :class:`TrainConfig`) with
+    its ``"auto"`` keys filled in from ``train``: micro batch, gradient accumulation, the global
+    batch (``world_size`` processes; default: the initialised world), clipping and
+    ``bf16.enabled`` (:func:`bf16_weights`). A file that pins ``bf16.enabled`` must agree
+    with :func:`bf16_weights`: the bf16 files are for CUDA with ``precision`` bf16 or auto."""
+    cfg = train.deepspeed_file()
+    world_size = world()[1] if world_size is None else world_size
+    cfg.update(
+        train_micro_batch_size_per_gpu=train.micro_batch,
+        gradient_accumulation_steps=train.grad_accum,
+        train_batch_size=train.micro_batch * train.grad_accum * world_size,
+        gradient_clipping=train.grad_clip,
+    )
+    bf16 = dict(cfg.get("bf16") or {})
+    wanted = bf16_weights(train)
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = wanted
+    elif bool(bf16["enabled"]) != wanted:
+        where = "CUDA" if torch.cuda.is_available() else "CPU (autocast over fp32 weights)"
+        raise ValueError(
+            f"deepspeed={train.deepspeed!r} pins bf16.enabled={bf16['enabled']}, but precision="
+            f"{train.precision} on {where} trains with {'bf16' if wanted else 'fp32'} weights: "
+            'pick a file with bf16.enabled "auto" (e.g. zero2 instead of zero2-bf16) or set '
+            "train.precision to match"
+        )
+    cfg["bf16"] = bf16
+    cfg.setdefault("zero_optimization", {"stage": 0})
+    return cfg
+
+
 class Trainer:
     """One DeepSpeed engine plus checkpointing, EMA and rank-0 metric logging.
 
@@ -427,22 +490,18 @@ class Trainer:
         # fused: one kernel over all parameters per step instead of ~10 elementwise passes each
         optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": train.micro_batch,
-            "gradient_accumulation_steps": train.grad_accum,
-            "gradient_clipping": train.grad_clip,
-            "zero_optimization": {"stage": train.zero_stage},
-            "bf16": {"enabled": bf16_weights(train)},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        self.ds_config = deepspeed_config(train, self.world_size)
+        self.zero_stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
         self.model = self.engine.module
         self.ema: dict[str, torch.Tensor] | None = None
         if train.ema_decay > 0:
-            self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
+            with self._gathered():
+                self.ema = {
+                    k: v.detach().clone().float() for k, v in self.model.state_dict().items()
+                }
         self.state = TrainState()
         self._last_log = time.perf_counter()
         self._grad_norm: float | None = None
@@ -481,21 +540,36 @@ class Trainer:
             self._update_ema()
         return boundary
 
+    def _gathered(self) -> contextlib.AbstractContextManager:
+        """Under ZeRO-3: every parameter whole on every rank for the block (a collective: all
+        ranks enter it); a no-op under stages 0-2, whose modules hold whole weights."""
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """``ema = d * ema + (1 - d) * weights`` for every float tensor, in one foreach pass."""
+        """``ema = d * ema + (1 - d) * weights`` for every float tensor, in one foreach pass.
+
+        Under ZeRO-3 the module's parameters are partitions: they are gathered for the update
+        (one all-gather of the model per optimizer step, as a forward does, and a whole fp32
+        EMA on every rank; fine at the sizes that fit one device's memory whole).
+        """
         if self.ema is None:
             return
-        live = self.model.state_dict()
-        floats = [k for k, v in live.items() if v.dtype.is_floating_point]
-        torch._foreach_lerp_(
-            [self.ema[k] for k in floats],
-            [live[k].detach().float() for k in floats],  # no copy for fp32 weights
-            1 - self.train.ema_decay,
-        )
-        for k, v in live.items():
-            if not v.dtype.is_floating_point:
-                self.ema[k].copy_(v)
+        with self._gathered():
+            live = self.model.state_dict()
+            floats = [k for k, v in live.items() if v.dtype.is_floating_point]
+            torch._foreach_lerp_(
+                [self.ema[k] for k in floats],
+                [live[k].detach().float() for k in floats],  # no copy for fp32 weights
+                1 - self.train.ema_decay,
+            )
+            for k, v in live.items():
+                if not v.dtype.is_floating_point:
+                    self.ema[k].copy_(v)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -510,8 +584,8 @@ class Trainer:
     def _reduced_grad_norm(self) -> float | None:
         # DeepSpeed's plain fp32 path (no ZeRO, no bf16) clips without keeping the norm; its
         # gradients are already all-reduced at the boundary, so the norm is the same on all ranks.
-        if self.train.zero_stage > 0 or bf16_weights(self.train):
-            return None
+        if self.zero_stage > 0 or bf16_weights(self.train):
+            return None  # ZeRO's and the bf16 optimizer's engines keep the norm themselves
         grads = [p.grad.detach() for p in self.model.parameters() if p.grad is not None]
         if not grads:
             return None
@@ -549,7 +623,13 @@ class Trainer:
 
         tag = f"step-{self.state.step:07d}"
         path = self.checkpoint_dir / tag
-        client_state = {"step": self.state.step, "samples": self.state.samples, **(extra or {})}
+        client_state = {
+            "step": self.state.step,
+            "samples": self.state.samples,
+            "world_size": self.world_size,  # ZeRO >= 1: the optimizer state is cut this many ways
+            "zero_stage": self.zero_stage,
+            **(extra or {}),
+        }
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state)
         torch.save(_rng_state(), path / f"rng_rank{self.rank}.pt")
         if self.ema is not None and self.rank == 0:
@@ -564,6 +644,7 @@ class Trainer:
             (path / "COMPLETE").write_text(json.dumps(client_state, default=str))
             for old in self.checkpoints()[: -self.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
         return path
@@ -574,12 +655,19 @@ class Trainer:
         if not found:
             return None
         path = found[-1]
-        _, client_state = self.engine.load_checkpoint(
-            str(self.checkpoint_dir),
-            tag=path.name,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        tag, universal = self._resume_tag(path)
+        config = self.engine._config  # DeepSpeed reads the universal switch at load time
+        forced = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal
+        try:
+            _, client_state = self.engine.load_checkpoint(
+                str(self.checkpoint_dir),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        finally:
+            config.load_universal_checkpoint = forced
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -592,13 +680,69 @@ class Trainer:
         )
         return client_state
 
+    def _resume_tag(self, path: Path) -> tuple[str, bool]:
+        """``(DeepSpeed tag, universal?)`` to load for checkpoint ``path``; a ValueError, before
+        DeepSpeed reads anything, when its partitioned optimizer state cannot be loaded here.
+
+        Under ZeRO >= 1 every rank saved its own slice of the optimizer state: another process
+        count (or stage) loads DeepSpeed's universal checkpoint, converted offline into the
+        sibling ``<step>-universal`` (used when it exists and is needed; ``"checkpoint":
+        {"load_universal": true}`` in the DeepSpeed file always loads it). Stage 0 checkpoints
+        hold the whole optimizer state on every rank: they resume on any process count.
+        """
+        saved = json.loads((path / "COMPLETE").read_text())
+        saved_world, saved_stage = saved.get("world_size"), saved.get("zero_stage")
+        universal = path.with_name(f"{path.name}{UNIVERSAL_SUFFIX}")
+        forced = bool(self.ds_config.get("checkpoint", {}).get("load_universal"))
+        mismatch = (
+            saved_world is not None
+            and saved_stage is not None
+            and (saved_stage or self.zero_stage)
+            and (saved_world != self.world_size or saved_stage != self.zero_stage)
+        )
+        if universal.is_dir() and (forced or mismatch):
+            return universal.name, True
+        if forced:
+            raise ValueError(
+                f"checkpoint.load_universal is set in deepspeed={self.train.deepspeed!r} but "
+                f"{universal} does not exist; convert {path} first:\n  "
+                + _universal_command(path, universal)
+            )
+        if mismatch:
+            raise ValueError(
+                f"{path} was written by {saved_world} process(es) under ZeRO stage {saved_stage}; "
+                f"this run has {self.world_size} process(es) under ZeRO stage {self.zero_stage} "
+                "and the ZeRO optimizer state is partitioned per rank. Resume with "
+                f"train.num_processes={saved_world} and the same DeepSpeed file, or convert the "
+                "checkpoint to DeepSpeed's universal format and retry (the trainer loads it, "
+                'as "checkpoint": {"load_universal": true} in the DeepSpeed file would):\n  '
+                + _universal_command(path, universal)
+            )
+        return path.name, False
+
     def export_state_dict(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
-        """Consolidated weights for the registry / serving (EMA when enabled)."""
+        """Consolidated float32 weights (CPU) for the registry / serving: EMA when enabled.
+
+        Under ZeRO-3 without EMA every rank must call it (the partitions are gathered); under
+        stages 0-2 each rank's module holds the whole weights. With bf16 weights (CUDA) the
+        values are the bf16 weights upcast, as the EMA tracks them.
+        """
         if use_ema and self.ema is not None:
             return {k: v.clone() for k, v in self.ema.items()}
-        if self.train.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()  # gathers shards on rank 0
-        return {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+        with self._gathered():
+            return {
+                k: v.detach().to("cpu", torch.float32, copy=True)
+                if v.dtype.is_floating_point
+                else v.detach().cpu().clone()
+                for k, v in self.model.state_dict().items()
+            }
+
+
+def _universal_command(path: Path, universal: Path) -> str:
+    return (
+        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
+        f"--output_folder {universal} --inject_missing_state"
+    )
 
 
 def _rng_state() -> dict[str, Any]:

@@ -23,7 +23,12 @@ from components.orchestration.tasks import sanitize_run_id
 REPO = Path(__file__).resolve().parents[2]
 DAGS_FOLDER = REPO / "dags"
 DAG_ID = "tessera_pipeline"
-POOLS = {"tessera_dvc": (1, "DVC and git: one version task at a time per workspace")}
+POOLS = {
+    "tessera_dvc": (1, "DVC and git: one version task at a time per workspace"),
+    # one training run at a time on this machine (each uses every core); a GPU cluster sets the
+    # slots to the runs its nodes hold (infra/values-airflow.yaml)
+    "accelerator": (1, "training runs (sweep points): one per free accelerator"),
+}
 
 
 class DagRunFailed(RuntimeError):

@@ -56,8 +56,8 @@ def run_task(name: str, params: dict[str, Any], run: dict[str, Any], **inputs: A
 
 def plan_task(name: str, params: dict[str, Any], run: dict[str, Any], **inputs: Any) -> list:
     """The parts of step ``name`` that Airflow maps :func:`part_task` over (XCom-sized)."""
-    cfg, _ = resolve(params, run)
-    return runner.plan_parts(spec(name), cfg, **inputs)
+    cfg, ctx = resolve(params, run)
+    return runner.plan_parts(spec(name), cfg, ctx, **inputs)
 
 
 def part_task(

@@ -39,7 +39,7 @@ print(json.dumps({
     "heavy": heavy,
 }))
 """
-STEPS = ["demo_data", "ingest", "validate", "version", "train_vae", "encode", "train_dit"]
+STEPS = ["demo_data", "ingest", "validate", "version", "train_vae", "encode", "sweep"]
 STEPS += ["generate", "train_evaluator", "evaluate"]
 
 
@@ -70,7 +70,8 @@ def test_no_import_errors(dagbag):
 
 
 def test_a_task_is_named_after_its_step(dagbag):
-    assert dagbag["tasks"] == sorted(["start", *STEPS, "encode_plan", "encode_shard", "finish"])
+    parts = ["encode_plan", "encode_shard", "sweep_plan", "sweep_point"]
+    assert dagbag["tasks"] == sorted(["start", *STEPS, *parts, "finish"])
     from components.orchestration.tasks import spec
 
     for name in STEPS:
@@ -80,13 +81,14 @@ def test_a_task_is_named_after_its_step(dagbag):
 def test_pipeline_shape(dagbag):
     edges = {tuple(e) for e in dagbag["edges"]}
     chain = ["start", "demo_data", "ingest", "validate", "version", "train_vae", "encode_shard"]
-    chain += ["encode", "train_dit", "generate", "finish"]
+    chain += ["encode", "sweep_plan", "sweep_point", "sweep", "generate", "finish"]
     for edge in itertools.pairwise(chain):
         assert edge in edges, edge
     assert {("version", "encode_plan"), ("encode_plan", "encode_shard")} <= edges
-    assert {("train_dit", "evaluate"), ("train_evaluator", "evaluate")} <= edges
+    assert ("train_vae", "sweep_point") in edges  # the points sample with the VAE
+    assert {("sweep", "evaluate"), ("train_evaluator", "evaluate")} <= edges
     assert ("version", "train_evaluator") in edges
-    assert dagbag["mapped"] == ["encode_shard"]
+    assert dagbag["mapped"] == ["encode_shard", "sweep_point"]
     # every task reports to finish, directly or through its descendants
     assert {t for t, d in edges if d == "finish"} >= {"evaluate", "generate", "demo_data"}
 
@@ -99,14 +101,16 @@ def test_finish_always_runs_and_closes_the_run(dagbag):
 
 def test_every_task_has_a_timeout_and_retries_on_purpose(dagbag):
     assert all(dagbag["timeouts"].values()), dagbag["timeouts"]
-    assert dagbag["timeouts"]["train_dit"] >= 24 * 3600 > dagbag["timeouts"]["validate"]
+    assert dagbag["timeouts"]["sweep_point"] >= 24 * 3600 > dagbag["timeouts"]["validate"]
     # a misspelled default_args key would silently leave retries at 0
-    assert all(dagbag["retries"][t] == 2 for t in STEPS)
+    assert all(dagbag["retries"][t] == 2 for t in [*STEPS, "sweep_point"])
 
 
-def test_dvc_runs_in_a_one_slot_pool(dagbag):
+def test_dvc_and_training_runs_have_their_pools(dagbag):
     assert dagbag["pools"]["version"] == "tessera_dvc" and POOLS["tessera_dvc"][0] == 1
-    assert {p for t, p in dagbag["pools"].items() if t != "version"} == {"default_pool"}
+    assert dagbag["pools"]["sweep_point"] == "accelerator" and POOLS["accelerator"][0] == 1
+    others = {p for t, p in dagbag["pools"].items() if t not in ("version", "sweep_point")}
+    assert others == {"default_pool"}
     assert dagbag["max_active_runs"] > 1  # runs overlap; only DVC is serialised
 
 

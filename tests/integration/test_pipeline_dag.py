@@ -1,7 +1,8 @@
 """The whole pipeline DAG through a real Airflow ``dag.test()`` on the tiny profile, tracked by a
 real MLflow server, run as a user runs it (``tessera run``): demo corpus → ingest → validate →
-version → train_vae → encode (mapped over shards) → train_dit → generate and prompt_eval; and
-the same DAG with one task forced to fail."""
+version → train_vae → encode (mapped over shards) → a 2-budget compute sweep (mapped over its
+points, one of them forced to fail once) → generate and evaluate; and the same DAG with a config
+the sweep's plan refuses."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from components.core.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
-STEPS = {"demo_data", "ingest", "validate", "version", "train_vae", "encode", "train_dit"}
+STEPS = {"demo_data", "ingest", "validate", "version", "train_vae", "encode", "sweep"}
 STEPS |= {"generate", "train_evaluator", "evaluate"}
 
 
@@ -45,10 +46,18 @@ def mlflow_runs(mlflow_url: str, run_id: str) -> dict:
     return {"experiment": experiment, "steps": {r.data.tags["tessera.step"]: r for r in runs}}
 
 
+FAILING_POINT = "native-original-tessera-tiny-4e08"  # the tiny profile's smaller budget
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(mlflow_server, tmp_path_factory):
     home = tmp_path_factory.mktemp("tessera-home")
-    proc = tessera_run(home, mlflow_server.url)
+    proc = tessera_run(
+        home,
+        mlflow_server.url,
+        TESSERA_FAULTS=f"sweep.point.{FAILING_POINT}",  # after its training, on the 1st try
+        AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY="1",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     summary = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
     return home, summary, proc.stdout + proc.stderr
@@ -70,7 +79,10 @@ def test_dag_run_succeeds_and_accounts_for_every_file(pipeline_run):
 
 def test_the_terminal_shows_no_error_and_each_summary_line_once(pipeline_run):
     _, summary, output = pipeline_run
-    assert "[error" not in output, [line for line in output.splitlines() if "[error" in line]
+    errors = [line for line in output.splitlines() if "[error" in line]
+    # the one error is Airflow reporting the sweep point's injected failure (then retried)
+    assert len(errors) == 1 and "Task failed with exception" in errors[0], errors
+    assert output.count("InjectedFault: injected fault at sweep.point.") == 1
     assert "View run" not in output  # MLflow's per-run links (to its GenAI view) are off
     for key in ("dataset rev", "colour following", "samples"):
         lines = [line for line in output.splitlines() if line.strip().startswith(key)]
@@ -95,15 +107,14 @@ def test_training_reads_the_versioned_dataset(pipeline_run):
 
 
 def test_dag_trains_and_samples(pipeline_run):
-    """train_vae → encode (mapped over shards) → train_dit → generate, all through the DAG."""
+    """train_vae → encode (mapped over shards) → sweep (mapped over points) → generate."""
     _, summary, _ = pipeline_run
-    vae, latents, dit, samples = (
-        summary[k] for k in ("train_vae", "encode", "train_dit", "generate")
-    )
+    vae, latents, dit, samples = (summary[k] for k in ("train_vae", "encode", "sweep", "generate"))
     assert storage.exists(storage.join(vae["vae"], "model.safetensors"))
     assert latents["shards"] >= 2  # the tiny corpus spans several mapped shard tasks
     assert latents["clips"] == summary["validate"]["rows_passed"]
-    assert dit["steps"] == load_config("tiny").train_dit.train.steps
+    assert dit["points"] == len(load_config("tiny").sweep.budgets) == 2
+    assert dit["best_budget"] == max(load_config("tiny").sweep.budgets)
     assert storage.exists(storage.join(dit["model"], "vae", "config.json"))
     entries = json.loads(storage.read_text(samples["samples_json"]))
     assert {e["aspect"] for e in entries} == {"16:9", "9:16", "1:1", "image"}
@@ -132,7 +143,8 @@ def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server)
     _, summary, _ = pipeline_run
     found = mlflow_runs(mlflow_server.url, summary["run_id"])
     steps = found["steps"]
-    assert set(steps) == {"pipeline", *STEPS}  # the encode shards report inside encode's run
+    # the encode shards report inside encode's run; the sweep's points in runs nested in its own
+    assert set(steps) == {"pipeline", *STEPS, "sweep_point"}
     assert found["experiment"].tags["mlflow.experimentKind"] == "custom_model_development"
     parent = steps["pipeline"]
     assert parent.info.status == "FINISHED"
@@ -140,15 +152,39 @@ def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server)
     for step in STEPS:
         assert steps[step].data.tags.get("mlflow.parentRunId") == parent.info.run_id, step
         assert steps[step].info.status == "FINISHED", step
-    for step in ("version", "train_vae", "encode", "train_dit"):
-        run = steps[step]
-        assert run.data.tags["tessera.dataset_rev"] == summary["version"]["dataset_rev"], step
-        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["tessera-dataset"], step
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    points = client.search_runs(
+        [found["experiment"].experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{steps['sweep'].info.run_id}'",
+    )
+    assert len(points) == 2 and all(p.info.status == "FINISHED" for p in points)
+    for run in [steps["version"], steps["train_vae"], steps["encode"], *points]:
+        step = run.data.tags["tessera.step"]
+        assert run.data.tags["tessera.dataset_rev"] == summary["version"]["dataset_rev"], step
+        assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["tessera-dataset"], step
     shards = client.get_metric_history(steps["encode"].info.run_id, "part/clips")
     assert len(shards) == summary["encode"]["shards"]
+
+
+def test_the_failed_sweep_point_was_retried_alone_and_resumed(pipeline_run):
+    import sqlite3
+
+    home, summary, _ = pipeline_run
+    db = sqlite3.connect(home / "airflow" / "airflow.db")
+    tries = dict(
+        db.execute(
+            "select map_index, try_number from task_instance where task_id = 'sweep_point' "
+            "and run_id = (select run_id from dag_run order by id desc limit 1)"
+        ).fetchall()
+    )
+    db.close()
+    sweep = json.loads(storage.read_text(storage.join(summary["sweep"]["step_uri"], "sweep.json")))
+    keys = [p["key"] for p in sweep["points"]]
+    assert tries == {keys.index(FAILING_POINT): 2, 1 - keys.index(FAILING_POINT): 1}
+    log = home / "checkpoints" / summary["run_id"] / "sweep" / FAILING_POINT / "train_dit.log"
+    assert "resumed from step" in log.read_text()  # the retry did not train again
 
 
 def test_rerun_same_run_is_a_no_op(pipeline_run, monkeypatch):
@@ -165,10 +201,10 @@ def test_rerun_same_run_is_a_no_op(pipeline_run, monkeypatch):
     assert again == summary["ingest"]
 
 
-def test_a_failed_task_fails_the_run_and_keeps_its_log(mlflow_server, tmp_path):
-    """train_dit fails in its workers (every clip is above the token budget): the DAG run, the
-    pipeline's parent run and the step's run end FAILED, the steps after it never run, and the
-    step's log is where the error says, though the step committed nothing."""
+def test_a_failed_task_fails_the_run_and_says_why(mlflow_server, tmp_path):
+    """The sweep's plan refuses a token budget below the largest clip before anything trains:
+    the DAG run and the pipeline's parent run end FAILED, the tasks after it never run, and the
+    error names the key and the fix."""
     home = tmp_path / "home"
     proc = tessera_run(
         home,
@@ -178,15 +214,13 @@ def test_a_failed_task_fails_the_run_and_keeps_its_log(mlflow_server, tmp_path):
         AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY="1",
     )
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "failed tasks ['train_dit']" in proc.stderr
+    assert "failed tasks ['sweep_plan']" in proc.stderr
+    assert "raise train_dit.token_budget" in proc.stdout  # the plan's error, with the fix
     summary = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
-    assert summary["status"] == "FAILED" and summary["failed"] == ["train_dit"]
-    assert summary["not_run"] == ["evaluate", "generate"]
-    assert "train_dit" not in summary and "encode" in summary
-    log = home / "checkpoints" / summary["run_id"] / "train_dit" / "train_dit.log"
-    assert "raise train_dit.token_budget" in log.read_text()
-    assert str(home / "checkpoints" / summary["run_id"]) in proc.stderr
+    assert summary["status"] == "FAILED" and summary["failed"] == ["sweep_plan"]
+    assert summary["not_run"] == ["evaluate", "generate", "sweep", "sweep_point"]
+    assert "sweep" not in summary and "encode" in summary
+    assert not (home / "checkpoints" / summary["run_id"] / "sweep").exists()  # nothing trained
     steps = mlflow_runs(mlflow_server.url, summary["run_id"])["steps"]
     assert steps["pipeline"].info.status == "FAILED"
-    assert steps["train_dit"].info.status == "FAILED"
-    assert steps["encode"].info.status == "FINISHED"
+    assert "sweep" not in steps and steps["encode"].info.status == "FINISHED"

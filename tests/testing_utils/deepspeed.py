@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from components.core.config import TrainConfig, from_dict
 from components.core.trainer import ResumableSampler, Trainer
@@ -35,24 +36,37 @@ def train(payload: dict) -> list[float]:
             start=trainer.state.samples,
         )
     )
-    losses = []
+    losses, grad_norms = [], []
     stop_at = payload.get("stop_at", train_cfg.steps)
+    step_loss = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batches (this rank)
     while trainer.state.step < stop_at:
         idx = [next(sampler) for _ in range(train_cfg.micro_batch)]
         loss = torch.nn.functional.mse_loss(trainer.engine(x[idx]), y[idx])
         if payload.get("nan_at") == trainer.state.step + 1:  # a diverging step
             loss = loss * float("nan")
+        step_loss += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
         if trainer.backward_step(loss):
-            losses.append(loss.item())
+            if dist.is_initialized():
+                dist.all_reduce(step_loss)
+            losses.append(float(step_loss[0] / step_loss[1]))  # the global batch's mean loss
+            step_loss.zero_()
+            grad_norms.append(trainer.grad_norm())
             if trainer.state.step % train_cfg.checkpoint_every == 0:
                 trainer.save_checkpoint()
+    state = trainer.export_state_dict()  # every rank: ZeRO-3 gathers the partitions
+    raw = trainer.export_state_dict(use_ema=False)
     if trainer.rank == 0:
-        state = trainer.export_state_dict()
         out = {
             "losses": losses,
             "weight": state["weight"].flatten().tolist(),
             "bias": state["bias"].tolist(),
+            "raw_weight": raw["weight"].flatten().tolist(),
+            "grad_norms": grad_norms,
             "step": trainer.state.step,
+            "zero_stage": trainer.zero_stage,
+            # ZeRO-3 leaves each module an empty placeholder of every partitioned parameter
+            "partitioned": any(p.numel() == 0 for p in trainer.model.parameters()),
+            "world_size": trainer.world_size,
         }
         Path(payload["out"]).write_text(json.dumps(out))
     return losses

@@ -107,6 +107,7 @@ def run(
     }
     values: dict[str, Any] = {k: v if math.isfinite(v) else None for k, v in numbers.items()}
     values.update(steps=summary["steps"], checkpoint_dir=str(ckpt))
+    values["train_flops"] = summary["train_flops"]  # model.flops over the packs that ran
     values["samples"] = len(summary["samples"])
     if not vae:
         values["samples_skipped"] = "no VAE given (the train_vae output enables samples)"

@@ -153,6 +153,56 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
     )
 
 
+def apply_variant(data: LatentSet, framing: str, captions: str) -> LatentSet:
+    """The training set of a sweep variant (``train_dit.framing`` / ``train_dit.captions``).
+
+    ``square_crop`` centre-crops every latent to a square of its shorter side: the common
+    practice of square training crops, done in latent space (the VAE is convolutional, so a
+    latent crop is an encoded pixel crop up to the border pixels of the receptive field).
+    ``short`` conditions every clip that has a short caption on it. ``recaptioned`` needs latents
+    encoded with the captioner's captions and is refused with the fix until they exist.
+    """
+    if captions == "recaptioned":
+        raise ValueError(
+            "train_dit.captions=recaptioned needs latents encoded with re-captioned captions "
+            "(caption_source=recaptioned, written by the caption step); these latents have "
+            "none. Run the caption step before encode, or use train_dit.captions=original"
+        )
+    latents = data.latents
+    if framing == "square_crop":
+        latents = [_centre_square(z) for z in latents]
+    texts, masks = data.texts, data.text_masks
+    if captions == "short":
+        pairs = [
+            (s, m) if s is not None else (t, tm)
+            for s, m, t, tm in zip(
+                data.short_texts or [None] * len(data),
+                data.short_masks or [None] * len(data),
+                data.texts,
+                data.text_masks,
+                strict=True,
+            )
+        ]
+        texts, masks = [t for t, _ in pairs], [m for _, m in pairs]
+    return LatentSet(
+        data.clip_ids,
+        latents,
+        texts,
+        masks,
+        data.kinds,
+        data.captions,
+        data.short_texts,
+        data.short_masks,
+    )
+
+
+def _centre_square(latent: Tensor) -> Tensor:
+    h, w = latent.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return latent[..., top : top + side, left : left + side].contiguous()
+
+
 # --------------------------------------------------------------------------- patch n' pack over a resumable clip stream
 
 

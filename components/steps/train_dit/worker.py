@@ -30,6 +30,7 @@ from components.core.trainer import (
 from components.steps.train_dit.data import (
     LatentSet,
     PackStream,
+    apply_variant,
     load_latents,
     make_batch,
     pack_generator,
@@ -89,11 +90,17 @@ def validation_loss(
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    timesteps: int = 8,
 ) -> float:
-    """Mean per-clip flow-matching loss on ``data`` with fixed timesteps, noise and no text dropout.
+    """Mean per-clip flow-matching loss on ``data`` over a fixed timestep grid, with fixed noise
+    and no text dropout: the deterministic loss the compute sweep fits its law to.
 
-    Clips are packed once (first-fit decreasing); pack ``i`` uses a generator seeded by ``(seed,
-    i)``, so the value depends only on the weights. Ranks split the packs and all-reduce.
+    Every clip is scored at the ``timesteps`` quantiles ``(k + 0.5) / timesteps`` of the training
+    timestep distribution (logit-normal, shifted for the clip's size), so the value is a
+    quadrature of the expected training loss, not one random draw per clip. Clips are packed once
+    (first-fit decreasing); pack ``i`` at grid point ``k`` draws its noise from a generator seeded
+    by ``(seed, i, k)``, so the value depends only on the weights. Ranks split the packs and
+    all-reduce.
     """
     import torch.distributed as dist
 
@@ -105,16 +112,28 @@ def validation_loss(
     was_training = getattr(model, "training", False)
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for i in range(rank, len(packs), world_size):
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    # ZeRO-3 gathers parameters in every forward (a collective): all ranks run as many forwards,
+    # a rank without a pack of its own in the last round scores pack 0 and does not count it
+    partitioned = getattr(model, "zero_optimization_partition_weights", lambda: False)()
+    rounds = -(-len(packs) // world_size) if partitioned else None
+    for i in range(rank, len(packs) if rounds is None else rounds * world_size, world_size):
+        counted = i < len(packs)
+        i = i if counted else 0
         batch, text, mask = make_batch(data, packs[i], patch_size, max(token_budget, max(lengths)))
-        out = scorer.training_loss(
-            model,
-            batch.to(device),
-            text.to(device),
-            mask.to(device),
-            generator=pack_generator(seed, _VAL_STREAM, i),
-        )
-        total += torch.tensor([out.per_clip.double().sum().item(), out.per_clip.numel()])
+        batch, text, mask = batch.to(device), text.to(device), mask.to(device)
+        for k in range(timesteps):
+            out = scorer.training_loss(
+                model,
+                batch,
+                text,
+                mask,
+                generator=pack_generator(seed, _VAL_STREAM, i * timesteps + k),
+                timestep_quantile=(k + 0.5) / timesteps,
+            )
+            if counted:
+                total += torch.tensor([out.per_clip.double().sum().item(), out.per_clip.numel()])
     if world_size > 1 and dist.is_initialized():
         total = total.to(device)
         dist.all_reduce(total)
@@ -213,6 +232,7 @@ def worker(payload: dict[str, Any]) -> None:
     train_rows, val_rows, heldout = split_clips(index, tcfg.val_clips)
     data = load_latents(payload["latents"], train_rows)
     val = load_latents(payload["latents"], val_rows, text_dim=data.text_dim)
+    data = apply_variant(data, tcfg.framing, tcfg.captions)  # validation stays native
     config = model_config(tcfg, data.channels, data.text_dim)
     lengths = [clip_tokens(z.shape, tcfg.patch_size, tcfg.drop_rate) for z in data.latents]
     _check_checkpoint_matches(checkpoint_dir, config)
@@ -263,6 +283,7 @@ def worker(payload: dict[str, Any]) -> None:
                 device,
                 rank,
                 world_size,
+                tcfg.val_timesteps,
             )
         history["val"].append([trainer.state.step, value])
         trainer.log({"val_loss": value})
@@ -484,6 +505,7 @@ def summarize(
         "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else float("nan"),
         "val_loss": val[-1][1] if val else float("nan"),
         "initial_val_loss": val[0][1] if val and val[0][0] == 0 else float("nan"),
+        "train_flops": sum(r["flops"] for r in steps),  # counted over what every step ran
         "tokens_per_s": sum(r["tokens"] for r in timed) / seconds,
         "mfu": sum(r["flops"] for r in timed) / seconds / (peak * 1e9),
         "step_time_s": seconds / max(1, len(timed)),

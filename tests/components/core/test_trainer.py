@@ -155,3 +155,166 @@ def test_workers_get_the_kernel_cache_and_malloc_settings(tessera_home, tmp_path
     assert env["MALLOC_MMAP_THRESHOLD_"] == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
     assert env["MALLOC_TRIM_THRESHOLD_"] == MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
     assert env["MALLOC_TOP_PAD_"] == "12345"
+
+
+# --------------------------------------------------------------------------- ZeRO 1, 2, 3
+
+
+def zero_file(tmp_path, stage: int) -> str:
+    """The DeepSpeed file of ``stage`` as a test runs it: ``infra/deepspeed/zero{stage}``; for
+    stage 3 with ``stage3_param_persistence_threshold: 0`` (the file's 1e5 keeps tensors this
+    small whole on every rank: nothing would be partitioned)."""
+    if stage < 3:
+        return f"zero{stage}"
+    config = json.loads((TrainConfig.deepspeed_dir() / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3-partition-all.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def _zero_payload(tmp_path, name, stage, procs, **train):
+    base = {"micro_batch": 2, "grad_accum": 2 // procs, "grad_clip": 1.0, "ema_decay": 0.5}
+    base.update(train)
+    return _payload(tmp_path, name, deepspeed=zero_file(tmp_path, stage), **base)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_processes_under_zero_match_one_with_ema_and_clipping(tmp_path, stage):
+    one = _run(tmp_path, _zero_payload(tmp_path, "one", stage, 1), 1)  # grad_accum 2
+    two = _run(tmp_path, _zero_payload(tmp_path, "two", stage, 2), 2)
+    assert one["zero_stage"] == two["zero_stage"] == stage and two["world_size"] == 2
+    assert two["partitioned"] == (stage == 3)  # ZeRO-3 modules hold placeholders only
+    assert two["step"] == one["step"] == 6
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert None not in one["grad_norms"] and max(one["grad_norms"]) > 1.0  # clipping at 1.0
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=1e-5)
+    for key in ("weight", "bias", "raw_weight"):  # the EMA, and the live weights
+        assert torch.allclose(torch.tensor(two[key]), torch.tensor(one[key]), atol=1e-5), key
+    assert two["weight"] != pytest.approx(two["raw_weight"], abs=1e-4)  # the EMA lags
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_under_zero_continues_the_uninterrupted_trajectory(tmp_path, stage):
+    full = _run(tmp_path, _zero_payload(tmp_path, "full", stage, 2), 2)
+    split = _zero_payload(tmp_path, "split", stage, 2)
+    first = _run(tmp_path, {**split, "stop_at": 3}, 2)
+    second = _run(tmp_path, split, 2)
+    assert first["losses"] == pytest.approx(full["losses"][:3], rel=1e-6)
+    assert second["losses"] == pytest.approx(full["losses"][3:], rel=1e-5)
+    for key in ("weight", "bias", "raw_weight"):
+        assert second[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+    done = json.loads((tmp_path / "split" / "ckpt" / "step-0000006" / "COMPLETE").read_text())
+    assert done["world_size"] == 2 and done["zero_stage"] == stage
+
+
+@pytest.mark.slow
+def test_a_zero_checkpoint_resumes_on_another_process_count_once_made_universal(tmp_path):
+    """ZeRO >= 1 partitions the optimizer state per rank: resuming a 2-process checkpoint on 1
+    process is refused, naming the conversion; after it the run continues exactly."""
+    import subprocess
+    import sys
+
+    from components.core.trainer import TrainingFailed
+
+    full = _run(tmp_path, _zero_payload(tmp_path, "full", 1, 2), 2)
+    _run(tmp_path, {**_zero_payload(tmp_path, "split", 1, 2), "stop_at": 3}, 2)
+    on_one = _zero_payload(tmp_path, "split", 1, 1)
+    with pytest.raises(TrainingFailed, match=r"written by 2 process\(es\) under ZeRO stage 1"):
+        _run(tmp_path, on_one, 1)
+    log = (tmp_path / "logs" / "train.log").read_text()
+    line = next(line for line in log.splitlines() if "ds_to_universal --input_folder" in line)
+    command = line[line.index("python -m") :].split()  # after the "[rank0]:" of the traceback
+    assert command[:3] == ["python", "-m", "deepspeed.checkpoint.ds_to_universal"]
+    assert "load_universal" in log
+    subprocess.run([sys.executable, *command[1:]], check=True, capture_output=True)
+    resumed = _run(tmp_path, on_one, 1)
+    assert resumed["world_size"] == 1 and resumed["step"] == 6
+    assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=1e-5)
+    for key in ("weight", "bias", "raw_weight"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_stage0_checkpoint_resumes_on_any_process_count(tmp_path):
+    full = _run(tmp_path, _zero_payload(tmp_path, "full", 0, 1), 1)
+    _run(tmp_path, {**_zero_payload(tmp_path, "split", 0, 2), "stop_at": 3}, 2)
+    resumed = _run(tmp_path, _zero_payload(tmp_path, "split", 0, 1), 1)
+    assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=1e-5)
+    assert resumed["weight"] == pytest.approx(full["weight"], rel=1e-5, abs=1e-6)
+
+
+def test_the_deepspeed_launcher_runs_the_same_workers(tmp_path):
+    out = tmp_path / "env.json"
+    payload = {"out": str(out), "names": ["RANK", "WORLD_SIZE", "OMP_NUM_THREADS"]}
+    launch(
+        "tests.testing_utils.deepspeed:environment",
+        payload,
+        2,
+        tmp_path / "env.log",
+        launcher="deepspeed",
+    )
+    env = json.loads(out.read_text())  # rank 0 writes last or first: both ranks ran
+    assert env["WORLD_SIZE"] == "2" and env["RANK"] in ("0", "1") and env["OMP_NUM_THREADS"]
+
+
+def test_deepspeed_files_fill_in_what_train_config_owns():
+    train = TrainConfig(micro_batch=3, grad_accum=2, grad_clip=0.5, deepspeed="zero2")
+    config = trainer.deepspeed_config(train, world_size=4)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 2 and config["train_batch_size"] == 24
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] is trainer.bf16_weights(train)
+    assert config["zero_optimization"]["stage"] == train.zero_stage == 2
+    assert config["zero_allow_untested_optimizer"] is True  # torch's fused AdamW under ZeRO
+    names = sorted(p.stem for p in TrainConfig.deepspeed_dir().glob("*.json"))
+    assert names == [
+        "zero0",
+        "zero1",
+        "zero2",
+        "zero2-bf16",
+        "zero2-offload",
+        "zero3",
+        "zero3-bf16",
+        "zero3-offload",
+    ]
+    for name in names:  # every file validates and leaves "auto" only where the trainer fills
+        TrainConfig(deepspeed=name)
+    offload = TrainConfig(deepspeed="zero3-offload").deepspeed_file()["zero_optimization"]
+    assert offload["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 weights are right on CUDA")
+def test_a_bf16_file_on_cpu_names_the_file_to_use():
+    with pytest.raises(ValueError, match="zero2 instead of zero2-bf16"):
+        trainer.deepspeed_config(TrainConfig(deepspeed="zero2-bf16", precision="fp32"), 1)
+
+
+def test_deepspeed_file_errors_name_the_fix(tmp_path):
+    from components.core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train_dit.train: deepspeed='zero5'.*'zero3-offload'"):
+        load_config("tiny", ["train_dit.train.deepspeed=zero5"])
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {}}))
+    with pytest.raises(ValueError, match=r"sets train_micro_batch_size_per_gpu=8; TrainConfig"):
+        TrainConfig(deepspeed=str(fixed))
+    fixed.write_text(json.dumps({"gradient_clipping": 1.0}))
+    with pytest.raises(ValueError, match=r"gradient_clipping=1.0; TrainConfig sets it"):
+        TrainConfig(deepspeed=str(fixed))
+    fixed.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TrainConfig(deepspeed=str(fixed))
+    fixed.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
+    with pytest.raises(ValueError, match=r"stage must be 0, 1, 2 or 3 .* got 4"):
+        TrainConfig(deepspeed=str(fixed))
+    fixed.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ValueError, match=r"zero_optimization.reduce_bucket_size"):
+        TrainConfig(deepspeed=str(fixed))
+    fixed.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ValueError, match="builds AdamW"):
+        TrainConfig(deepspeed=str(fixed))
+    fixed.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+    assert TrainConfig(deepspeed=str(fixed)).zero_stage == 3  # a path works like a name
