@@ -388,8 +388,10 @@ class Holdout:
     observed: float
     predicted: float  # the point fit of the other runs
     relative_error: float  # (predicted - observed) / observed
-    interval: tuple[float, float]  # the bootstrap prediction interval at ``compute``
-    inside: bool  # observed within ``interval`` (to a relative 1e-9 of round-off)
+    # the bootstrap prediction interval at ``compute``; None when 3 runs are fitted: the fit then
+    # passes through them and leaves no residual to resample, so no interval can be given
+    interval: tuple[float, float] | None
+    inside: bool | None  # observed within ``interval`` (to a relative 1e-9 of round-off)
     confidence: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -398,7 +400,7 @@ class Holdout:
             "observed": self.observed,
             "predicted": self.predicted,
             "relative_error": self.relative_error,
-            "interval": list(self.interval),
+            "interval": None if self.interval is None else list(self.interval),
             "inside": self.inside,
             "confidence": self.confidence,
         }
@@ -415,7 +417,8 @@ def holdout_largest(
 ) -> Holdout:
     """Fit all runs but the largest-compute one (>= 4 runs), and predict that one.
 
-    The interval is :meth:`PowerLawBootstrap.predict_interval` of the other runs' bootstrap.
+    The interval is :meth:`PowerLawBootstrap.predict_interval` of the other runs' bootstrap; with
+    4 runs (3 fitted, as many as the law's parameters) there is none (``None``).
     With ties at the largest compute, the last of them in input order is held out.
     """
     c = np.asarray(compute, dtype=np.float64).ravel()
@@ -432,16 +435,19 @@ def holdout_largest(
         c[keep], y[keep], samples=samples, confidence=confidence, seed=seed, huber_delta=huber_delta
     )
     predicted = float(boot.fit.predict(c[last]))
-    low, high = boot.predict_interval(c[last])
     observed = float(y[last])
-    tol = 1e-9 * observed  # round-off: noise-free sweeps give a zero-width interval
+    interval, inside = None, None
+    if keep.sum() > _N_PARAMS:  # 3 fitted runs: exact fit, nothing to resample
+        low, high = boot.predict_interval(c[last])
+        tol = 1e-9 * observed  # round-off: noise-free sweeps give a zero-width interval
+        interval, inside = (low, high), bool(low - tol <= observed <= high + tol)
     return Holdout(
         compute=float(c[last]),
         observed=observed,
         predicted=predicted,
         relative_error=(predicted - observed) / observed,
-        interval=(low, high),
-        inside=bool(low - tol <= observed <= high + tol),
+        interval=interval,
+        inside=inside,
         confidence=confidence,
     )
 
@@ -616,7 +622,7 @@ def plot_scaling(
         ax.plot(grid, fit.predict(grid), color="k", lw=1.4, label="fit")
         if fit.l_inf > 0:
             ax.axhline(fit.l_inf, color="k", lw=0.8, ls=":", label="L∞")
-    if holdout is not None:
+    if holdout is not None and holdout.interval is not None:
         ax.errorbar(
             [holdout.compute],
             [holdout.predicted],
@@ -629,6 +635,8 @@ def plot_scaling(
             capsize=4,
             lw=1.4,
         )
+    if holdout is not None:
+        where = {True: "inside", False: "outside", None: "no interval from 3 runs"}
         ax.scatter(
             [holdout.compute],
             [holdout.observed],
@@ -638,8 +646,7 @@ def plot_scaling(
             edgecolor="crimson",
             lw=1.5,
             zorder=4,
-            label=f"held out ({holdout.relative_error:+.1%}, "
-            f"{'inside' if holdout.inside else 'outside'})",
+            label=f"held out ({holdout.relative_error:+.1%}, {where[holdout.inside]})",
         )
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -4,6 +4,7 @@ outlier, the held-out extrapolation, the compute-optimal exponent and the plot."
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -109,6 +110,9 @@ def test_holdout_predicts_the_largest_run():
     assert json.loads(json.dumps(holdout.to_dict()))["inside"] is True
     with pytest.raises(ValueError, match="at least 4 points"):
         holdout_largest(COMPUTE[:3], curve(COMPUTE[:3]), samples=10, confidence=0.9, seed=0)
+    # 3 runs fitted: the law passes through them, no residual to resample, no interval
+    four = holdout_largest(COMPUTE[:4], curve(COMPUTE[:4]) * [1, 1.02, 1, 1], samples=10)
+    assert four.interval is None and four.inside is None and math.isfinite(four.predicted)
 
 
 def chinchilla_points(budgets: np.ndarray) -> list[tuple[float, float, float]]:
