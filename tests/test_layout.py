@@ -66,9 +66,14 @@ ALLOWED = {
 }
 
 
+# a step that drives another: the sweep's points are train_dit runs (one way to train a DiT)
+COMPOSES = {"steps.sweep": {"steps.train_dit"}}
+
+
 def allowed(importer: str, imported: str) -> bool:
     if importer.startswith("steps."):
-        return imported in {"model", "evaluation", "core", "components", importer, "steps"}
+        ours = {"model", "evaluation", "core", "components", importer, "steps"}
+        return imported in ours | COMPOSES.get(importer, set())
     rules = ALLOWED[importer]
     return imported in rules or (imported.split(".")[0] == "steps" and "steps.*" in rules)
 

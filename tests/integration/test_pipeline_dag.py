@@ -180,7 +180,7 @@ def test_the_failed_sweep_point_was_retried_alone_and_resumed(pipeline_run):
         ).fetchall()
     )
     db.close()
-    sweep = json.loads(storage.read_text(storage.join(summary["sweep"]["step_uri"], "sweep.json")))
+    sweep = json.loads(storage.read_text(summary["sweep"]["result"]))
     keys = [p["key"] for p in sweep["points"]]
     assert tries == {keys.index(FAILING_POINT): 2, 1 - keys.index(FAILING_POINT): 1}
     log = home / "checkpoints" / summary["run_id"] / "sweep" / FAILING_POINT / "train_dit.log"

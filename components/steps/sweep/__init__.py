@@ -188,7 +188,7 @@ def run(cfg: TesseraConfig, workdir: Path, parts: list[dict[str, Any]]) -> StepR
     }
     (workdir / RESULT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n")
     metrics.update({"sweep.best_val_loss": best["val_loss"], "sweep.points": len(points)})
-    files = {"dit": artifacts.DIT_DIR}
+    files = {"dit": artifacts.DIT_DIR, "result": RESULT_NAME}
     if (workdir / artifacts.VAE_DIR).is_dir():
         files.update(vae=artifacts.VAE_DIR, model="")
     summary = {v: f["summary"] for v, f in report["fits"].items()}
@@ -201,7 +201,6 @@ def run(cfg: TesseraConfig, workdir: Path, parts: list[dict[str, Any]]) -> StepR
             "best_budget": best["budget"],
             "points": len(points),
             "fits": summary,
-            "result": RESULT_NAME,
         },
         metrics=metrics,
         artifacts=[RESULT_NAME, *(f["plot"] for f in fits.values())],

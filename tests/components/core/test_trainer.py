@@ -180,7 +180,7 @@ def _zero_payload(tmp_path, name, stage, procs, **train):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [3])  # 1 and 2: the DiT runs of test_train_dit_zero.py
 def test_two_processes_under_zero_match_one_with_ema_and_clipping(tmp_path, stage):
     one = _run(tmp_path, _zero_payload(tmp_path, "one", stage, 1), 1)  # grad_accum 2
     two = _run(tmp_path, _zero_payload(tmp_path, "two", stage, 2), 2)
@@ -196,7 +196,7 @@ def test_two_processes_under_zero_match_one_with_ema_and_clipping(tmp_path, stag
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [3])  # 1: the universal-checkpoint test resumes ZeRO-1
 def test_resume_under_zero_continues_the_uninterrupted_trajectory(tmp_path, stage):
     full = _run(tmp_path, _zero_payload(tmp_path, "full", stage, 2), 2)
     split = _zero_payload(tmp_path, "split", stage, 2)

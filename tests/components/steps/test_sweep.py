@@ -125,7 +125,7 @@ class TestSweepStep(StepTesterMixin):
 
     def test_loss_falls_with_compute_and_the_law_is_fitted(self, step_run):
         out = step_run.outputs
-        result = json.loads(storage.read_text(storage.join(out["step_uri"], sweep.RESULT_NAME)))
+        result = json.loads(storage.read_text(out["result"]))
         points = sorted(result["points"], key=lambda p: p["budget"])
         assert [p["budget"] for p in points] == [6e8, 2e9, 6e9]
         losses = [p["val_loss"] for p in points]
