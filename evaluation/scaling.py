@@ -421,10 +421,7 @@ def holdout_largest(
     4 runs (3 fitted, as many as the law's parameters) there is none (``None``).
     With ties at the largest compute, the last of them in input order is held out.
     """
-    c = np.asarray(compute, dtype=np.float64).ravel()
-    y = np.asarray(loss, dtype=np.float64).ravel()
-    if c.shape != y.shape:
-        raise ValueError(f"compute and loss differ in length: {c.size} vs {y.size}")
+    c, y = _points(compute, loss)
     if c.size < _N_PARAMS + 1:
         raise ValueError(
             f"holding out the largest run needs at least 4 points (3 to fit), got {c.size}"
