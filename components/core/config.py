@@ -277,6 +277,101 @@ class EncodeConfig:
 
 
 @dataclass(frozen=True)
+class TrainCaptionerConfig:
+    """The captioner (``tessera train-captioner``): a video-to-text model trained on the clips that
+    have captions, in two styles (short, descriptive), which also learns prompt expansion (short
+    prompt -> descriptive caption) from the same pairs."""
+
+    size: str = "captioner-xs"  # a key of model.captioner.CAPTIONER_SIZES
+    short_side: int = 64  # frames are resized to this short side, aspect kept
+    frames: int = 8  # frames sampled evenly over a video (a still is one frame)
+    max_tokens: int = 128  # caption tokens kept for teacher forcing (longer ones are cut)
+    short_rate: float = 0.3  # share of samples trained on the short style (where a clip has one)
+    expand_rate: float = 0.25  # share of samples trained on prompt expansion (short -> long text)
+    video_share: float = 0.3  # videos repeated to make at least this share of samples
+    cache_mb: int = 512  # decoded, resized training clips kept in memory per process
+    eval_every: int = 100  # held-out teacher-forced loss during training
+    val_clips: int = 0  # held-out clips the final report decodes (0: all of them)
+    num_beams: int = 3  # beam width of the held-out report (1: greedy)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=600, micro_batch=32, lr=1e-3, weight_decay=0.05, warmup_steps=30, precision="fp32"
+        )
+    )
+
+    def __post_init__(self) -> None:
+        if self.short_side < 8 or self.frames < 1 or self.max_tokens < 8:
+            raise ValueError(
+                "train_captioner needs short_side >= 8, frames >= 1 and max_tokens >= 8, got "
+                f"{self.short_side}, {self.frames}, {self.max_tokens}"
+            )
+        for name in ("short_rate", "expand_rate", "video_share"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(
+                    f"train_captioner.{name} must be in [0, 1), got {getattr(self, name)}"
+                )
+        if self.short_rate + self.expand_rate >= 1.0:
+            raise ValueError(
+                "train_captioner.short_rate + expand_rate must stay below 1 (the rest trains the "
+                f"descriptive style), got {self.short_rate} + {self.expand_rate}"
+            )
+        if self.num_beams < 1:
+            raise ValueError(f"train_captioner.num_beams must be >= 1, got {self.num_beams}")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Re-captioning (``tessera caption``): the trained captioner captions every clip, in shards."""
+
+    shard_size: int = 64  # clips per shard (the unit Airflow maps over)
+    num_beams: int = 3  # beam width (1: greedy)
+    max_new_tokens: int = 128
+    # share of clips that keep their original caption for training (DALL-E 3 blends 5 %): a
+    # deterministic choice per clip, made by encode
+    original_share: float = 0.05
+    table_clips: int = 6  # real-footage clips logged with their frames and captions
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                "caption.shard_size, num_beams and max_new_tokens must be >= 1, got "
+                f"{self.shard_size}, {self.num_beams}, {self.max_new_tokens}"
+            )
+        if not 0.0 <= self.original_share <= 1.0:
+            raise ValueError(f"caption.original_share must be in [0, 1], got {self.original_share}")
+
+
+@dataclass(frozen=True)
+class ExpandConfig:
+    """Prompt expansion (``tessera expand``, ``generate.expand``): a short prompt becomes a long
+    descriptive caption in the style of the training captions."""
+
+    # builtin: the captioner's text decoder conditioned on the prompt (learned by
+    # train_captioner); chat: an OpenAI-compatible chat endpoint; hf: a causal LM in a local
+    # directory or s3:// prefix
+    backend: Literal["builtin", "chat", "hf"] = "builtin"
+    model: str = ""  # builtin: captioner dir/URI ("" = the latest trained one); hf: model dir/URI
+    base_url: str = ""  # chat: e.g. http://vllm:8000/v1 (the key: TESSERA_EXPAND_API_KEY)
+    model_name: str = ""  # chat: the served model's name
+    examples: str = ""  # few-shot (short, long) pairs JSON ("" = the captioner's training pairs)
+    few_shot: int = 4  # examples in the chat / hf prompt
+    max_words: int = 80  # the expansion is cut to this many words
+    candidates: int = 4  # sampled expansions; the first that keeps every attribute wins
+    temperature: float = 0.7
+    timeout_s: float = 30.0  # per request (chat)
+    retries: int = 3  # further tries after a timeout, 429 or 5xx (chat)
+    fallback: bool = False  # on failure use the original prompt (recorded in the metadata)
+
+    def __post_init__(self) -> None:
+        if self.max_words < 1 or self.candidates < 1 or self.few_shot < 0 or self.retries < 0:
+            raise ValueError(
+                "expand needs max_words >= 1, candidates >= 1, few_shot >= 0 and retries >= 0"
+            )
+        if self.timeout_s <= 0 or self.temperature < 0:
+            raise ValueError("expand.timeout_s must be > 0 and expand.temperature >= 0")
+
+
+@dataclass(frozen=True)
 class TextConfig:
     """Text encoder used for captions and prompts."""
 
@@ -437,6 +532,7 @@ class GenerateConfig:
     seed: int = 0
     max_frames: int = 65
     max_pixels: int = 256 * 256
+    expand: bool = False  # expand prompts first (the ``expand`` section's backend)
 
 
 @dataclass(frozen=True)
@@ -511,6 +607,9 @@ class TesseraConfig:
     text: TextConfig = field(default_factory=TextConfig)
     train_dit: TrainDiTConfig = field(default_factory=TrainDiTConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    train_captioner: TrainCaptionerConfig = field(default_factory=TrainCaptionerConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    expand: ExpandConfig = field(default_factory=ExpandConfig)
     train_evaluator: TrainEvaluatorConfig = field(default_factory=TrainEvaluatorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -543,6 +642,7 @@ class Environment:
     local_rank: int = 0
     node_modules: Path | None = None  # TESSERA_NODE_MODULES: the Data Docs' npm assets elsewhere
     faults: str = ""  # TESSERA_FAULTS: failures on purpose (components.core.faults)
+    expand_api_key: str | None = field(default=None, repr=False)  # TESSERA_EXPAND_API_KEY
 
     @classmethod
     def read(cls) -> Environment:
@@ -560,6 +660,7 @@ class Environment:
             if os.environ.get("TESSERA_NODE_MODULES")
             else None,
             faults=os.environ.get("TESSERA_FAULTS", ""),
+            expand_api_key=os.environ.get("TESSERA_EXPAND_API_KEY") or None,
         )
 
 
