@@ -9,8 +9,10 @@ sides use this module, so a word or a colour means the same thing to both.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -236,6 +238,216 @@ def describe(spec: ClipSpec) -> tuple[str, str]:
     if video:
         short = f"{short} {_MOTION_SHORT[primary.motion]}"
     return " ".join(sentences), short
+
+
+# --------------------------------------------------------------------------- parsing captions
+# The inverse of describe(): what a caption in its grammar states, for scoring a captioner's
+# output against the factors. Sentences are read by how they start, so a caption cut short (a
+# captioner's max_new_tokens) or with a sentence missing still yields every field it states.
+
+
+def _alternation(words) -> str:
+    """A regex alternation of ``words``, longest first (so "dark green" wins over "green")."""
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+_NOUN_SHAPE = {noun: shape for shape, noun in SHAPE_NOUNS.items()}
+_WORD_SIZE = {word: size for size, word in SIZE_WORDS.items()}
+_NUMBER = {"one": 1, "two": 2, "three": 3}
+_ORIENTATION = {"wide": "landscape", "tall": "portrait", "square": "square"}
+_SPEED = {"slowly": "slow", "quickly": "fast"}
+_SHORT_MOTION = {phrase: motion for motion, phrase in _MOTION_SHORT.items()}
+_COLOUR = _alternation(PALETTE)
+_BG_COLOUR = _alternation(BACKGROUND_PALETTE)
+_NOUN = _alternation(_NOUN_SHAPE)
+_ADVERBS = r"(?: (?P<adverb>slowly|quickly))?"
+
+_HEADER = re.compile(
+    r"a (?P<framing>wide|tall|square)(?: (?P<aspect>\d+:\d+)\b"
+    r"(?:(?: landscape| portrait)? (?P<medium>video|still image)"
+    r"(?: of (?P<count>one|two|three) objects?(?: on (?P<background>.*))?)?)?)?"
+)
+_GRADIENT = re.compile(
+    rf"a smooth gradient(?: from (?P<first>{_BG_COLOUR})\b(?: (?P<end>at the top|on the left)"
+    rf"(?: to (?P<second>{_BG_COLOUR})\b)?)?)?"
+)
+_NOISE = re.compile(rf"a mottled, cloudy(?: (?P<first>{_BG_COLOUR})\b)?")
+_PLAIN = re.compile(rf"plain(?: (?P<first>{_BG_COLOUR})\b)?")
+_OBJECT = re.compile(
+    rf"(?P<lead>a|another object, a|a third object, a) (?P<size>small|medium-sized|large)\b"
+    rf"(?: (?P<solid>solid)\b)?(?: (?P<color>{_COLOUR})\b(?: (?P<noun>{_NOUN})\b"
+    r"(?P<pattern> with dark diagonal stripes| with a checkered pattern)?(?: (?P<motion>.*))?)?)?"
+)
+_MOTIONS = (  # (pattern at the start of an object's motion phrase, motion)
+    (re.compile(r"(?:stays still|sits)\b"), "still"),
+    (re.compile(rf"bounces\b{_ADVERBS}"), "bounce"),
+    (re.compile(rf"slides\b{_ADVERBS} from right\b"), "slide_left"),
+    (re.compile(rf"slides\b{_ADVERBS} from left\b"), "slide_right"),
+    (re.compile(rf"circles\b{_ADVERBS}"), "orbit"),
+    (re.compile(rf"grows\b{_ADVERBS}"), "zoom_in"),
+    (re.compile(rf"shrinks\b{_ADVERBS}"), "zoom_out"),
+)
+_PLACE = re.compile(
+    r"(?:stays still|sits) (?:near the (?P<centre>centre)|in the (?P<where>.+?) part)"
+)
+_CAMERA = re.compile(
+    r"the camera (?:(?P<static>is static)|pans(?: (?P<adverb>slowly|quickly))?(?: to the "
+    r"(?P<side>left|right)\b)?)"
+)
+_SHOT = re.compile(
+    r"the shot lasts (?P<seconds>\d+(?:\.\d+)?) seconds(?: at (?P<fps>\d+) frames\b)?"
+)
+
+
+def _normalise(text: str) -> list[str]:
+    """Lower-case sentences, with the spacing an uncased tokenizer's decoder may add undone
+    ("16 : 9", "medium - sized", "2. 0", "mottled , cloudy")."""
+    text = " ".join(text.lower().split())
+    text = re.sub(r"\s*([:-])\s*", r"\1", text)
+    text = re.sub(r"(\d)\s*\.\s*(\d)", r"\1.\2", text)
+    text = re.sub(r"\s+([.,])", r"\1", text)
+    return [s.strip() for s in re.split(r"\.(?:\s+|$)", text) if s.strip()]
+
+
+def _parse_background(phrase: str) -> dict[str, Any]:
+    for kind, pattern in (("gradient", _GRADIENT), ("noise", _NOISE), ("solid", _PLAIN)):
+        m = pattern.match(phrase)
+        if m:
+            colours = [m["first"], m.groupdict().get("second")] if m["first"] else []
+            axis = None
+            if kind == "gradient" and m["end"]:
+                axis = "vertical" if m["end"] == "at the top" else "horizontal"
+            return {
+                "background": kind,
+                "background_colors": tuple(c for c in colours if c) or None,
+                "gradient_axis": axis,
+            }
+    return {}
+
+
+def _parse_object(m: re.Match) -> dict[str, Any]:
+    texture = None
+    if m["solid"]:
+        texture = "solid"
+    elif m["pattern"]:
+        texture = "striped" if "stripes" in m["pattern"] else "checkered"
+    motion = place = adverb = None
+    phrase = m["motion"] or ""
+    for pattern, name in _MOTIONS:
+        found = pattern.match(phrase)
+        if found:
+            motion, adverb = name, found.groupdict().get("adverb")
+            break
+    if motion == "still" and (p := _PLACE.match(phrase)):
+        place = "centre" if p["centre"] else p["where"]
+    return {
+        "size": _WORD_SIZE[m["size"]],
+        "color": m["color"],
+        "shape": _NOUN_SHAPE.get(m["noun"] or ""),
+        "texture": texture,
+        "motion": motion,
+        "place": place,  # "centre", "upper left", ... (stated for objects that stay put)
+        "_speed": _SPEED.get(adverb or ""),
+    }
+
+
+_FIELDS = (
+    "kind",
+    "orientation",
+    "aspect",
+    "num_objects",
+    "background",
+    "background_colors",
+    "gradient_axis",
+    "camera",
+    "speed",
+    "fps",
+    "duration_s",
+)
+_OBJECT_FIELDS = ("size", "color", "shape", "texture", "motion", "place")
+
+
+def parse_caption(caption: str) -> dict[str, Any] | None:
+    """The factors a descriptive caption of :func:`describe`'s grammar states.
+
+    Case-insensitive, and tolerant to a caption cut short or missing sentences: every field the
+    text does not state is None. ``kind`` is ``"video"`` or ``"image"`` (a "still image");
+    a still's ``camera`` is ``"static"`` and its ``speed`` ``"none"`` (the grammar implies them);
+    a video's ``speed`` is read from the adverbs ("slowly", "quickly"), and is ``"none"`` only
+    when every object is read as still under a static camera.
+
+    Returns:
+        ``{"kind", "orientation", "aspect", "num_objects", "background" (solid | gradient |
+        noise), "background_colors" (tuple), "gradient_axis", "camera", "speed", "fps",
+        "duration_s", "objects": [{"size", "color", "shape", "texture", "motion", "place"}, ...]}``
+        (``objects`` in caption order, an object whose sentence is missing all None), or None
+        when no sentence of the grammar can be read.
+    """
+    out: dict[str, Any] = dict.fromkeys(_FIELDS)
+    objects: dict[int, dict[str, Any]] = {}
+    speeds: list[str] = []
+    read = False
+    for sentence in _normalise(caption):
+        if m := _OBJECT.match(sentence):
+            index = {"a": 0, "another object, a": 1}.get(m["lead"], 2)
+            objects.setdefault(index, _parse_object(m))
+        elif m := _HEADER.match(sentence):
+            out["orientation"] = _ORIENTATION[m["framing"]]
+            out["aspect"] = m["aspect"]
+            if m["medium"]:
+                out["kind"] = "video" if m["medium"] == "video" else "image"
+            out["num_objects"] = _NUMBER.get(m["count"] or "")
+            out.update(_parse_background(m["background"] or ""))
+        elif m := _CAMERA.match(sentence):
+            if m["static"]:
+                out["camera"] = "static"
+            elif m["side"]:
+                out["camera"] = f"pan_{m['side']}"
+            if m["adverb"]:
+                speeds.append(_SPEED[m["adverb"]])
+        elif m := _SHOT.match(sentence):
+            out["duration_s"] = float(m["seconds"])
+            out["fps"] = int(m["fps"]) if m["fps"] else None
+        else:
+            continue
+        read = True
+    if not read:
+        return None
+    ordered = [
+        objects.get(i) or dict.fromkeys(_OBJECT_FIELDS) for i in range(max(objects, default=-1) + 1)
+    ]
+    speeds += [s for o in ordered if (s := o.pop("_speed", None))]
+    out["objects"] = ordered
+    if out["kind"] == "image":
+        out["camera"], out["speed"] = "static", "none"
+    elif speeds:
+        out["speed"] = speeds[0]
+    elif (
+        out["camera"] == "static"
+        and out["num_objects"] == len(ordered)
+        and all(o["motion"] == "still" for o in ordered)
+    ):
+        out["speed"] = "none"
+    return out
+
+
+_SHORT = re.compile(
+    rf"(?P<color>{_COLOUR})\b(?: (?P<noun>{_NOUN})\b(?: (?P<motion>"
+    rf"{_alternation(_SHORT_MOTION)})\b)?)?"
+)
+
+
+def parse_short_caption(text: str) -> dict[str, Any] | None:
+    """``{"color", "shape", "motion"}`` of a short caption (``"red ball bouncing"``; a still's
+    has no motion: None), case-insensitive; None when it does not start with a palette colour."""
+    m = _SHORT.match(" ".join(text.lower().replace(".", " ").split()))
+    if not m:
+        return None
+    return {
+        "color": m["color"],
+        "shape": _NOUN_SHAPE.get(m["noun"] or ""),
+        "motion": _SHORT_MOTION.get(m["motion"] or ""),
+    }
 
 
 # --------------------------------------------------------------------------- sidecar tables
