@@ -8,7 +8,16 @@
                                             "{clip_id}/text_mask" (L,) uint8       } clips only
                                             "{clip_id}/short_text", "…/short_text_mask"  the
                                             short caption's, where the clip has one
+                                            "{clip_id}/original_text", "…/original_text_mask"
+                                            the original caption's, where the clip trains
+                                            on a re-captioned one but had its own
                                             (L = the caption's real tokens, <= text.max_length)
+
+``caption`` is the caption a clip trains with: with re-captioning (the caption step) the
+captioner's descriptive caption, except for an ``encode.original_share`` of the clips that keep
+their own; ``caption_source`` says which (``recaptioned`` or the original's ``given`` /
+``synthetic``), ``captioner_version`` which captioner wrote it, ``original_caption`` what the
+clip came with.
 
 The index's ``shard`` column is the shard's path relative to ``latents/`` (or absolute).
 """
@@ -54,6 +63,9 @@ INDEX_SCHEMA = pa.schema(
         ("source_height", pa.int32()),
         ("source_frames", pa.int32()),
         ("source_uri", pa.string()),
+        ("captioner_version", pa.string()),  # of a recaptioned caption (None otherwise)
+        ("original_caption", pa.string()),  # the clip's own caption, where it has one
+        ("original_source", pa.string()),
     ]
 )
 

@@ -21,6 +21,7 @@ with one index; its MLflow run reports every shard (``part/*`` metrics by shard 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections.abc import Sequence
@@ -51,12 +52,29 @@ def plan_shards(cfg: TesseraConfig, manifest: str, **_: Any) -> list[dict[str, A
     return [{"clip_ids": ids[start : start + size]} for start in range(0, len(ids), size)]
 
 
-def _captions(manifest: str, captions: str | None) -> dict[str, dict[str, Any]]:
-    """clip_id -> caption, short_caption, caption_source; ``captions`` rows override the
-    manifest's (a Parquet with those columns keyed by ``clip_id``)."""
+def _captions(
+    manifest: str, captions: str | None, original_share: float = 0.0, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """clip_id -> the caption each clip trains with, and where it came from.
+
+    Without ``captions`` that is the manifest's. ``captions`` (Parquet keyed by ``clip_id``, with
+    ``caption`` and optionally ``short_caption``, ``caption_source``, ``captioner_version``)
+    overrides it; a ``recaptioned`` row (the caption step's) replaces the caption of every clip
+    except a deterministic ``original_share`` of those that have their own (DALL-E 3's blend),
+    and fills a short caption only where the clip has none. The original stays in
+    ``original_caption`` / ``original_source``.
+    """
     fields = ("caption", "short_caption", "caption_source")
     rows = mf.read_table(manifest).select(["clip_id", *fields]).to_pylist()
-    found = {r["clip_id"]: {k: r[k] for k in fields} for r in rows}
+    found = {
+        r["clip_id"]: {
+            **{k: r[k] for k in fields},
+            "captioner_version": None,
+            "original_caption": r["caption"],
+            "original_source": r["caption_source"],
+        }
+        for r in rows
+    }
     if captions:
         table = pq.read_table(io.BytesIO(storage.read_bytes(captions)))
         missing = [c for c in ("clip_id", "caption") if c not in table.column_names]
@@ -66,9 +84,29 @@ def _captions(manifest: str, captions: str | None) -> dict[str, dict[str, Any]]:
                 f"clip_id, caption (and optionally short_caption, caption_source)"
             )
         for r in table.to_pylist():
-            if r["clip_id"] in found and r.get("caption"):
-                found[r["clip_id"]].update({k: r[k] for k in fields if r.get(k) is not None})
+            mine = found.get(r["clip_id"])
+            if mine is None or not (r.get("caption") or "").strip():
+                continue
+            if r.get("caption_source") != "recaptioned":
+                mine.update({k: r[k] for k in fields if r.get(k) is not None})
+                mine["original_caption"], mine["original_source"] = mine["caption"], None
+                continue
+            if (mine["original_caption"] or "").strip() and keeps_original(
+                r["clip_id"], original_share, seed
+            ):
+                continue
+            mine["caption"], mine["caption_source"] = r["caption"], "recaptioned"
+            mine["captioner_version"] = r.get("captioner_version")
+            if not (mine["short_caption"] or "").strip():
+                mine["short_caption"] = r.get("short_caption")
     return found
+
+
+def keeps_original(clip_id: str, share: float, seed: int) -> bool:
+    """Whether a clip keeps its own caption under re-captioning: a uniform draw from the clip id
+    and the run seed (the same on every rank, shard and retry) below ``share``."""
+    draw = int(hashlib.sha256(f"{seed}:{clip_id}".encode()).hexdigest()[:12], 16) / 16**12
+    return draw < share
 
 
 # --------------------------------------------------------------------------- encoding
@@ -164,10 +202,19 @@ class ClipEncoder:
                     "source_height": clip.height,
                     "source_frames": clip.num_frames,
                     "source_uri": clip.source_uri,
+                    "captioner_version": cap.get("captioner_version"),
+                    "original_caption": cap.get("original_caption"),
+                    "original_source": cap.get("original_source"),
                 }
             )
-        for column, key in (("caption", "text"), ("short_caption", "short_text")):
+        for column, key in (
+            ("caption", "text"),
+            ("short_caption", "short_text"),
+            ("original_caption", "original_text"),
+        ):
             texted = [r for r in rows if r["has_text"] and (r[column] or "").strip()]
+            if column == "original_caption":  # only where the clip trains on another caption
+                texted = [r for r in texted if r["caption_source"] == "recaptioned"]
             if not texted:
                 continue
             states, mask = self.text.encode([r[column] for r in texted])  # (B, L, D), (B, L)
@@ -194,6 +241,7 @@ def _summary(rows: list[dict[str, Any]], seconds: float) -> tuple[dict[str, Any]
         "clips": len(rows),
         "frames": frames,
         "with_text": sum(r["has_text"] for r in rows),
+        "recaptioned": sum(r["caption_source"] == "recaptioned" for r in rows),
         "images": sum(r["kind"] == "image" for r in rows),
     }
     metrics = {
@@ -233,7 +281,9 @@ def encode_shard(
         shard: one item of :func:`plan_shards`, numbered (``index``).
         manifest: URI of the (versioned) manifest the shards were planned from.
         vae: the train_vae step's ``vae`` output (a VAE directory URI).
-        captions: optional Parquet of newer captions by ``clip_id`` (e.g. from re-captioning).
+        captions: optional Parquet of newer captions by ``clip_id``: the caption step's
+            ``captions.parquet`` (re-captioned, blended with ``caption.original_share`` of the
+            originals; see :func:`_captions`).
 
     Returns:
         ``files={"shard": "shard-00003.safetensors", "rows": "rows.parquet"}``, ``index``, counts.
@@ -245,7 +295,7 @@ def encode_shard(
     encoder = ClipEncoder.load(cfg, vae)
     rows = encoder.encode_clips(
         clips,
-        _captions(manifest, captions),
+        _captions(manifest, captions, cfg.caption.original_share, cfg.seed),
         workdir / name,
         f"{latents.SHARDS_DIR}/{name}",
         desc=f"encode shard {int(shard['index'])}",
@@ -286,8 +336,8 @@ def run(cfg: TesseraConfig, workdir: Path, parts: list[dict[str, Any]]) -> StepR
     seconds = sum(float(p.get("metrics", {}).get("encode_seconds", 0.0)) for p in parts)
     values, metrics = _summary(rows, seconds)
     print(
-        f"encode: {values['clips']} clips ({values['with_text']} with text, {values['images']} "
-        f"images) in {len(parts)} shard(s), {seconds:.1f}s of encoding = "
+        f"encode: {values['clips']} clips ({values['with_text']} with text, "
+        f"{values['recaptioned']} re-captioned, {values['images']} images) in {len(parts)} shard(s), {seconds:.1f}s of encoding = "
         f"{metrics['clips_per_s']:.2f} clips/s; merged in {time.perf_counter() - started:.1f}s"
     )
     return StepResult(

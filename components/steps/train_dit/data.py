@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,9 @@ class LatentSet:
         texts: per clip (L, D) float32 text states; (1, D) zeros for a clip without text.
         text_masks: per clip (L,) bool; all False = the null condition.
         short_texts, short_masks: per clip, the short caption's states and mask, or None.
+        sources: per clip, its caption's ``caption_source`` (``recaptioned`` or the original's).
+        original_texts, original_masks: per clip that trains on a re-captioned caption, its own
+            caption's states and mask (None where the clip had none, or trains on its own).
     """
 
     clip_ids: list[str]
@@ -41,6 +45,9 @@ class LatentSet:
     captions: list[str]
     short_texts: list[Tensor | None] = field(default_factory=list)
     short_masks: list[Tensor | None] = field(default_factory=list)
+    sources: list[str | None] = field(default_factory=list)
+    original_texts: list[Tensor | None] = field(default_factory=list)
+    original_masks: list[Tensor | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -100,6 +107,7 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
 
     by_id: dict[str, tuple[Tensor, Tensor | None, Tensor | None]] = {}
     shorts: dict[str, tuple[Tensor, Tensor]] = {}
+    originals: dict[str, tuple[Tensor, Tensor]] = {}
     for shard, group in rows.groupby("shard", sort=True):
         uri = shard_uri(latents, shard)
         tensors = load_safetensors(storage.read_bytes(uri))
@@ -115,15 +123,16 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
             if text is not None and mask is None:
                 mask = torch.ones(text.shape[0], dtype=torch.bool)
             by_id[clip_id] = (latent, text, mask)
-            short = tensors.get(key(clip_id, "short_text"))
-            if short is not None:
-                short_mask = tensors.get(key(clip_id, "short_text_mask"))
-                shorts[clip_id] = (
-                    short.float(),
-                    torch.ones(short.shape[0], dtype=torch.bool)
-                    if short_mask is None
-                    else short_mask.bool(),
-                )
+            for name, found in (("short_text", shorts), ("original_text", originals)):
+                states = tensors.get(key(clip_id, name))
+                if states is not None:
+                    states_mask = tensors.get(key(clip_id, f"{name}_mask"))
+                    found[clip_id] = (
+                        states.float(),
+                        torch.ones(states.shape[0], dtype=torch.bool)
+                        if states_mask is None
+                        else states_mask.bool(),
+                    )
     clip_ids = list(rows["clip_id"])
     dims = {int(t.shape[1]) for _, t, _ in by_id.values() if t is not None}
     if len(dims) > 1:
@@ -150,6 +159,9 @@ def load_latents(latents: str, rows: Any, text_dim: int | None = None) -> Latent
         captions,
         [shorts.get(c, (None, None))[0] for c in clip_ids],
         [shorts.get(c, (None, None))[1] for c in clip_ids],
+        [s if isinstance(s, str) else None for s in rows.get("caption_source", [None] * len(rows))],
+        [originals.get(c, (None, None))[0] for c in clip_ids],
+        [originals.get(c, (None, None))[1] for c in clip_ids],
     )
 
 
@@ -159,19 +171,33 @@ def apply_variant(data: LatentSet, framing: str, captions: str) -> LatentSet:
     ``square_crop`` centre-crops every latent to a square of its shorter side: the common
     practice of square training crops, done in latent space (the VAE is convolutional, so a
     latent crop is an encoded pixel crop up to the border pixels of the receptive field).
-    ``short`` conditions every clip that has a short caption on it. ``recaptioned`` needs latents
-    encoded with the captioner's captions and is refused with the fix until they exist.
+    Captions: ``recaptioned`` trains on the captions the latents were encoded with (the
+    captioner's, blended with ``caption.original_share`` of the originals) and needs latents
+    encoded after the caption step; ``original`` on each clip's own caption (a clip that came
+    without one gets the null condition, as it would without re-captioning); ``short`` on the
+    short caption where a clip has one.
     """
-    if captions == "recaptioned":
+    recaptioned = [s == "recaptioned" for s in data.sources] or [False] * len(data)
+    if captions == "recaptioned" and not any(recaptioned):
         raise ValueError(
             "train_dit.captions=recaptioned needs latents encoded with re-captioned captions "
             "(caption_source=recaptioned, written by the caption step); these latents have "
-            "none. Run the caption step before encode, or use train_dit.captions=original"
+            "none. Run the caption step before encode (encode --captions), or use "
+            "train_dit.captions=original"
         )
     latents = data.latents
     if framing == "square_crop":
         latents = [_centre_square(z) for z in latents]
-    texts, masks = data.texts, data.text_masks
+    texts, masks = list(data.texts), list(data.text_masks)
+    if captions == "original" and any(recaptioned):
+        originals = data.original_texts or [None] * len(data)
+        original_masks = data.original_masks or [None] * len(data)
+        for i, was in enumerate(recaptioned):
+            if was and originals[i] is not None:
+                texts[i], masks[i] = originals[i], original_masks[i]
+            elif was:  # no caption of its own: the null condition
+                texts[i] = torch.zeros(1, data.text_dim)
+                masks[i] = torch.zeros(1, dtype=torch.bool)
     if captions == "short":
         pairs = [
             (s, m) if s is not None else (t, tm)
@@ -184,16 +210,7 @@ def apply_variant(data: LatentSet, framing: str, captions: str) -> LatentSet:
             )
         ]
         texts, masks = [t for t, _ in pairs], [m for _, m in pairs]
-    return LatentSet(
-        data.clip_ids,
-        latents,
-        texts,
-        masks,
-        data.kinds,
-        data.captions,
-        data.short_texts,
-        data.short_masks,
-    )
+    return dataclasses.replace(data, latents=latents, texts=texts, text_masks=masks)
 
 
 def _centre_square(latent: Tensor) -> Tensor:

@@ -51,6 +51,40 @@ def _row(index, name: str):
     return index[index["uri"].str.contains(name)].iloc[0]
 
 
+def test_recaptioned_captions_replace_all_but_a_share_of_the_originals(corpus, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = mf.read_table(corpus["manifest"]).to_pylist()
+    table = pa.Table.from_pylist(
+        [
+            {
+                "clip_id": r["clip_id"],
+                "caption": f"recaptioned {i}",
+                "short_caption": f"short {i}",
+                "caption_source": "recaptioned",
+                "captioner_version": "captioner-tiny@abc",
+            }
+            for i, r in enumerate(rows)
+        ]
+    )
+    pq.write_table(table, tmp_path / "captions.parquet")
+    found = encode._captions(corpus["manifest"], str(tmp_path / "captions.parquet"), 0.0)
+    for r in rows:
+        mine = found[r["clip_id"]]
+        assert mine["caption_source"] == "recaptioned" and mine["caption"].startswith("recap")
+        assert mine["original_caption"] == r["caption"]  # kept beside it
+        assert mine["short_caption"] == (r["short_caption"] or mine["short_caption"])
+    kept = encode._captions(corpus["manifest"], str(tmp_path / "captions.parquet"), 1.0)
+    for r in rows:  # share 1: every clip that has a caption keeps it; the rest are recaptioned
+        expected = r["caption"] if r["caption"] else kept[r["clip_id"]]["caption"]
+        assert kept[r["clip_id"]]["caption"] == expected
+        assert (kept[r["clip_id"]]["caption_source"] == "recaptioned") == (not r["caption"])
+    draws = [encode.keeps_original(f"clip-{i}", 0.05, seed=0) for i in range(4000)]
+    assert 0.04 < sum(draws) / len(draws) < 0.06  # the blend's share, deterministic per clip
+    assert draws == [encode.keeps_original(f"clip-{i}", 0.05, seed=0) for i in range(4000)]
+
+
 class TestEncodeStep(StepTesterMixin):
     step = encode.STEP
     bad_config = ("encode.shard_size=0",)

@@ -100,6 +100,30 @@ def test_variant_training_sets(latents):
         dit_data.apply_variant(data, "native", "recaptioned")
 
 
+def test_recaptioned_latents_train_on_either_caption():
+    """Latents encoded after the caption step: ``recaptioned`` trains on the captioner's caption,
+    ``original`` on the clip's own one, or the null condition where it came without one."""
+    text = [torch.full((2, 4), float(i)) for i in range(3)]
+    own = torch.full((3, 4), 9.0)
+    data = dit_data.LatentSet(
+        clip_ids=["a", "b", "c"],
+        latents=[torch.zeros(4, 1, 2, 2)] * 3,
+        texts=text,
+        text_masks=[torch.ones(2, dtype=torch.bool)] * 3,
+        kinds=["video"] * 3,
+        captions=["x", "y", "z"],
+        sources=["recaptioned", "recaptioned", "given"],  # c kept its own (the 5 % blend)
+        original_texts=[own, None, None],  # b came without a caption
+        original_masks=[torch.ones(3, dtype=torch.bool), None, None],
+    )
+    recaptioned = dit_data.apply_variant(data, "native", "recaptioned")
+    assert all(torch.equal(a, b) for a, b in zip(recaptioned.texts, text, strict=True))
+    original = dit_data.apply_variant(data, "native", "original")
+    assert torch.equal(original.texts[0], own) and original.text_masks[0].all()
+    assert not original.text_masks[1].any()  # the null condition
+    assert torch.equal(original.texts[2], text[2])
+
+
 def test_faults_fire_the_configured_number_of_times(tessera_home, monkeypatch):
     monkeypatch.setenv(faults.ENV, "a.site:2, other")
     faults.check("unnamed.site")  # not named: nothing happens

@@ -31,6 +31,7 @@ TINY = [
     "train_dit.train.warmup_steps=2",
     "train_dit.train.log_every=2",
     "train_dit.sample_every=0",
+    "sweep.captions=[original]",  # the fake latents were not re-captioned
 ]
 
 
