@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from components.core import artifacts, media
 from components.core.config import TesseraConfig
@@ -48,6 +49,7 @@ def run(
     prompts: Sequence[str] = SAMPLE_PROMPTS,
     aspects: Sequence[str] = SAMPLE_ASPECTS,
     frames: int | None = None,
+    expand: bool | None = None,
 ) -> StepResult:
     """Sample every prompt at every aspect; see the module docstring for the outputs.
 
@@ -57,6 +59,10 @@ def run(
         aspects: names of ``model.generate.ASPECTS`` or ``"W:H"``; ``"image"`` gives one frame.
         frames: wanted frames, rounded up to the next ``1 + 4k`` (VAE temporal factor);
             default ``generate.sample_frames``.
+        expand: expand every prompt into a descriptive caption first (``cfg.expand``'s
+            backend, seed ``generate.seed + i``); default ``generate.expand``. The samples are
+            conditioned on the expansion; ``samples.json`` keeps the prompt, the expansion and
+            its metadata (backend, attributes kept and added, fallback).
     """
     from model.generate import parse_aspect
 
@@ -72,16 +78,18 @@ def run(
     if len(set(aspects)) != len(aspects):
         raise ValueError(f"aspects repeat: {aspects}; each (prompt, aspect) names one file")
 
+    expansions = _expansions(cfg, prompts) if (gcfg.expand if expand is None else expand) else {}
     with artifacts.model_dir(model) as directory:
         generator = artifacts.load_generator(cfg, directory)
     entries, requests = [], []
     for i, prompt in enumerate(prompts):
+        expanded = expansions.get(i)
         for aspect in aspects:
             size = generator.video_size(aspect, frames)
             seed = gcfg.seed + i
             requests.append(
                 {
-                    "prompt": prompt,
+                    "prompt": expanded.text if expanded else prompt,
                     "frames": size[0],
                     "height": size[1],
                     "width": size[2],
@@ -100,6 +108,8 @@ def run(
                     "sampler": gcfg.sampler,
                 }
             )
+            if expanded:
+                entries[-1] |= {"expanded": expanded.text, "expansion": expanded.metadata}
     videos, seconds = artifacts.sample(generator, cfg, requests)
     for entry, video in zip(entries, videos, strict=True):
         name = f"{entry['index']}_{aspect_slug(entry['aspect'])}"
@@ -113,6 +123,20 @@ def run(
         metrics={"generate_seconds": seconds, "seconds_per_sample": seconds / len(entries)},
         artifacts=[SAMPLES_DIR, SAMPLES_JSON],
     )
+
+
+def _expansions(cfg: TesseraConfig, prompts: Sequence[str]) -> dict[int, Any]:
+    """Prompt ``i`` expanded with seed ``generate.seed + i`` (one backend for all)."""
+    from components.core import expansion
+
+    backend, examples = expansion.load_backend(cfg)
+    found = {}
+    for i, prompt in enumerate(prompts):
+        found[i] = expansion.expand(
+            prompt, cfg, seed=cfg.generate.seed + i, examples=examples, backend=backend
+        )
+        log.info("expanded %r -> %r", prompt, found[i].text)
+    return found
 
 
 STEP = StepSpec("generate", run)
