@@ -67,7 +67,10 @@ ALLOWED = {
 
 
 # a step that drives another: the sweep's points are train_dit runs (one way to train a DiT)
-COMPOSES = {"steps.sweep": {"steps.train_dit"}}
+COMPOSES = {
+    "steps.sweep": {"steps.train_dit"},  # its points are train_dit runs
+    "steps.recaption_ablation": {"steps.evaluate"},  # its cells are colour-following runs
+}
 
 
 def allowed(importer: str, imported: str) -> bool:

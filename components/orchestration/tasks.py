@@ -37,7 +37,8 @@ def spec(name: str) -> StepSpec:
 
 def resolve(params: dict[str, Any], run: dict[str, Any]) -> tuple[TesseraConfig, RunContext]:
     cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
-    ctx = RunContext(run["run_id"], PIPELINE, run.get("parent_run_id"), run.get("track", True))
+    pipeline = run.get("pipeline", PIPELINE)
+    ctx = RunContext(run["run_id"], pipeline, run.get("parent_run_id"), run.get("track", True))
     return cfg, ctx
 
 
@@ -93,15 +94,29 @@ def corpus(params: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the ends
 
 
-def start(params: dict[str, Any], airflow_run_id: str) -> dict[str, Any]:
+def start(params: dict[str, Any], airflow_run_id: str, pipeline: str = PIPELINE) -> dict[str, Any]:
     """Open the pipeline's parent MLflow run (once per run id) and return the run handle."""
     from components.core import tracking
 
     cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
     run_id = sanitize_run_id(airflow_run_id)
     track = bool(params.get("track", True))
-    parent = tracking.pipeline_run(cfg, PIPELINE, run_id) if track else None
-    return {"run_id": run_id, "parent_run_id": parent, "track": track}
+    parent = tracking.pipeline_run(cfg, pipeline, run_id) if track else None
+    return {"run_id": run_id, "parent_run_id": parent, "track": track, "pipeline": pipeline}
+
+
+def source_run(params: dict[str, Any], run_id: str = "") -> dict[str, Any]:
+    """The summary of a finished main-pipeline run (``run_id``, or the latest one): every
+    committed step's outputs by step name."""
+    cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
+    name = f"runs/{run_id}/summary.json" if run_id else "latest/pipeline.json"
+    uri = storage.join(cfg.store_uri(), *name.split("/"))
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"no {PIPELINE} run summary at {uri}: run the {PIPELINE} DAG first (make demo), or "
+            "name a finished run id in the source_run param"
+        )
+    return json.loads(storage.read_text(uri))
 
 
 def finish(params: dict[str, Any], run: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
@@ -132,5 +147,6 @@ def finish(params: dict[str, Any], run: dict[str, Any], states: dict[str, str]) 
         summary["mlflow_parent_run_id"] = ctx.parent_run_id
     text = json.dumps(summary, indent=2, sort_keys=True, default=str)
     storage.write_text(storage.join(cfg.store_uri(), "runs", ctx.run_id, "summary.json"), text)
-    storage.write_text(storage.join(cfg.store_uri(), "latest", "pipeline.json"), text)
+    latest = "pipeline.json" if ctx.pipeline == PIPELINE else f"pipeline-{ctx.pipeline}.json"
+    storage.write_text(storage.join(cfg.store_uri(), "latest", latest), text)
     return summary

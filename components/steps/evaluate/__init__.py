@@ -402,9 +402,11 @@ def run(
     colour_summary: dict[str, Any] | None = None
     framing_summary: dict[str, Any] | None = None
     if factor_rows and generator is not None:
-        caption_of = {r["path"]: r["caption"] for r in _read_parquet(captions)}
-        colour_summary, cells = colour_eval.colour_following(
-            cfg, generator, clips, caption_of, factor_rows
+        caption_rows = _read_parquet(captions)
+        caption_of = {r["path"]: r["caption"] for r in caption_rows}
+        short_of = {r["path"]: r.get("short_caption") for r in caption_rows}
+        colour_summary, cells, _ = colour_eval.colour_following(
+            cfg, generator, clips, caption_of, factor_rows, short_of
         )
         colour_eval.grid(cells, workdir / COLOUR_GRID)
         metrics.update(

@@ -74,13 +74,54 @@ def check_factors(factor_rows: list[dict], uri: str) -> None:
         )
 
 
+def colour_prompt(
+    cfg: TesseraConfig,
+    base: dict,
+    colour: str,
+    caption: str,
+    short: str | None,
+    seed: int,
+    expander: Any = None,
+) -> tuple[str, dict[str, Any] | None]:
+    """The prompt asking for ``colour`` in place of the base's, per ``evaluate.colour_prompts``:
+    the recoloured caption, the recoloured short caption, or that short prompt expanded
+    (``expander`` = ``(backend, examples)`` of :func:`components.core.expansion.load_backend`).
+    Returns the prompt and the expansion's metadata (None unless expanded)."""
+    obj = json.loads(base["objects"])[0]
+    style = cfg.evaluate.colour_prompts
+    if style == "caption":
+        return recolour_caption(caption, obj, colour), None
+    if not short or obj["color"] not in short.split():
+        raise ValueError(
+            f"evaluate.colour_prompts={style} needs the short caption of {base['path']} to name "
+            f"its colour {obj['color']!r}, got {short!r}; use evaluate.colour_prompts=caption"
+        )
+    words = short.split()
+    words[words.index(obj["color"])] = colour
+    prompt = " ".join(words)
+    if style == "short":
+        return prompt, None
+    from components.core import expansion
+
+    backend, examples = expander
+    expanded = expansion.expand(prompt, cfg, seed=seed, examples=examples, backend=backend)
+    return expanded.text, {"short_prompt": prompt, **expanded.metadata}
+
+
 def colour_following(
-    cfg: TesseraConfig, generator: Any, clips: str, caption_of: dict[str, str], factor_rows: list
-) -> tuple[dict[str, Any], list[list[tuple[Any, str]]]]:
-    """Sample every contrasting colour of every base and read the colour back.
+    cfg: TesseraConfig,
+    generator: Any,
+    clips: str,
+    caption_of: dict[str, str],
+    factor_rows: list,
+    short_of: dict[str, str | None] | None = None,
+) -> tuple[dict[str, Any], list[list[tuple[Any, str]]], list[Any]]:
+    """Sample every contrasting colour of every base and read the colour back (prompts per
+    ``evaluate.colour_prompts``, see :func:`colour_prompt`).
 
     Returns the summary (score, chance level, tail probability, Wilson interval, classifier
-    check, every trial) and grid cells: one row per base of (middle frame, "asked>seen").
+    check, every trial), grid cells (one row per base of (middle frame, "asked>seen")) and the
+    sampled clips, uint8 (T, H, W, 3), in trial order.
     """
     from evaluation import prompt_following as pf
     from evaluation.framing import wilson_interval
@@ -114,16 +155,30 @@ def colour_following(
     classifier_accuracy = sum(c["seen"] == c["colour"] for c in checks) / len(checks)
 
     # 2. every contrasting colour of every base, one seed per base
-    requests, meta = [], []
+    expander = None
+    if ecfg.colour_prompts == "expanded":
+        from components.core import expansion
+
+        expander = expansion.load_backend(cfg)
+    requests, meta, expansions = [], [], []
     for i, (base, background) in enumerate(zip(bases, backgrounds, strict=True)):
-        obj = json.loads(base["objects"])[0]
         colours = pf.contrasting(PALETTE, background, MIN_CONTRAST)
         frames = 1 if base["kind"] == "image" else ecfg.colour_frames
         size = generator.video_size(base["aspect"], frames)
         for colour in colours:
+            prompt, expanded = colour_prompt(
+                cfg,
+                base,
+                colour,
+                caption_of[base["path"]],
+                (short_of or {}).get(base["path"]),
+                gcfg.seed + i,
+                expander,
+            )
+            expansions.append(expanded)
             requests.append(
                 {
-                    "prompt": recolour_caption(caption_of[base["path"]], obj, colour),
+                    "prompt": prompt,
                     "frames": size[0],
                     "height": size[1],
                     "width": size[2],
@@ -133,9 +188,12 @@ def colour_following(
             meta.append((base, colour, len(colours), background))
     videos, seconds = artifacts.sample(generator, cfg, requests)
 
-    trials, records, cells = [], [], {}
-    for req, (base, colour, k, background), video in zip(requests, meta, videos, strict=True):
+    trials, records, cells, clips_u8 = [], [], {}, []
+    for req, (base, colour, k, background), video, expanded in zip(
+        requests, meta, videos, expansions, strict=True
+    ):
         frames = media.to_uint8(video)
+        clips_u8.append(frames)
         vote = pf.dominant_colour(frames, PALETTE, background, min_distance=ecfg.min_distance)
         trial = pf.Trial(base=base["path"], asked=colour, seen=vote.colour, variants=k)
         trials.append(trial)
@@ -150,6 +208,7 @@ def colour_following(
                 "prompt": req["prompt"],
                 "seed": req["seed"],
                 "size": [req["frames"], req["height"], req["width"]],
+                **({"expansion": expanded} if expanded else {}),
             }
         )
         label = f"{colour[:4]}>{(vote.colour or '-')[:4]}"
@@ -158,6 +217,7 @@ def colour_following(
     low, high = wilson_interval(result.correct, result.trials, ecfg.confidence)
     summary = {
         **vars(result),
+        "prompts": ecfg.colour_prompts,
         "accuracy_low": low,
         "accuracy_high": high,
         "classifier_accuracy_on_corpus": classifier_accuracy,
@@ -165,4 +225,4 @@ def colour_following(
         "classifier_checks": checks,
         "trials": records,
     }
-    return summary, list(cells.values())
+    return summary, list(cells.values()), clips_u8

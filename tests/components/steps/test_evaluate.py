@@ -296,3 +296,46 @@ def test_run_needs_an_extractor_and_one_source(corpus, tmp_path):
         evaluate.run(load_config("tiny", CORPUS), tmp_path, manifest=manifest)
     with pytest.raises(ValueError, match="no video feature extractor"):
         evaluate.run(load_config("tiny", CORPUS), tmp_path, manifest=manifest, videos=str(tmp_path))
+
+
+def test_colour_prompts_can_be_typed_short_or_expanded():
+    """The ablation's prompts: the recoloured caption, the recoloured short caption, or that
+    short prompt expanded (seeded, keeping the colour the user asked for)."""
+    import dataclasses
+
+    from components.steps.evaluate import colour
+    from tests.components.core.test_expansion import ScriptedBackend
+
+    base = {
+        "path": "v.mp4",
+        "objects": json.dumps(
+            [
+                {
+                    "shape": "circle",
+                    "color": "red",
+                    "size": "small",
+                    "texture": "solid",
+                    "motion": "bounce",
+                }
+            ]
+        ),
+    }
+    caption = "A square 1:1 video of one object on plain black. A small solid red ball bounces."
+    cfg = load_config("tiny")
+    long, meta = colour.colour_prompt(cfg, base, "blue", caption, "red ball bouncing", 0)
+    assert "small solid blue ball" in long and meta is None
+    short_cfg = dataclasses.replace(
+        cfg, evaluate=dataclasses.replace(cfg.evaluate, colour_prompts="short")
+    )
+    short, _ = colour.colour_prompt(short_cfg, base, "blue", caption, "red ball bouncing", 0)
+    assert short == "blue ball bouncing"
+    expanded_cfg = dataclasses.replace(
+        cfg, evaluate=dataclasses.replace(cfg.evaluate, colour_prompts="expanded")
+    )
+    backend = ScriptedBackend(lambda seed, n: [f"A blue ball bouncing, take {seed}."] * n)
+    text, meta = colour.colour_prompt(
+        expanded_cfg, base, "blue", caption, "red ball bouncing", 4, (backend, [])
+    )
+    assert text == "A blue ball bouncing, take 4." and meta["short_prompt"] == "blue ball bouncing"
+    with pytest.raises(ValueError, match="needs the short caption of v.mp4 to name its colour"):
+        colour.colour_prompt(short_cfg, base, "blue", caption, None, 0)

@@ -110,3 +110,26 @@ def test_generate_with_the_real_text_encoder(cfg, tmp_path):
     result = step.run(cfg, tmp_path / "work", str(root), ["a red ball"], ["1:1"], frames=1)
     assert result.values == {"num_samples": 1}
     assert load_video(tmp_path / "work" / "samples" / "0_1x1.png").shape == (3, 1, 64, 64)
+
+
+def test_generate_expands_prompts_and_records_the_expansion(cfg, tiny_model, tmp_path):
+    """generate.expand through a real chat endpoint on loopback: the clip is conditioned on the
+    expansion, samples.json keeps the typed prompt, the expansion and its metadata."""
+    import dataclasses
+
+    from tests.testing_utils.chat_server import ChatServer
+
+    with ChatServer() as server:
+        expand = dataclasses.replace(
+            cfg.expand, backend="chat", base_url=server.base_url, model_name="tiny"
+        )
+        expanding = dataclasses.replace(cfg, expand=expand)
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        step.run(expanding, workdir, tiny_model, ["a red ball"], ["image"], expand=True)
+        asked = [m["content"] for m in server.requests[0]["body"]["messages"]]
+    (entry,) = json.loads((workdir / "samples.json").read_text())
+    assert entry["prompt"] == "a red ball" and asked[-1] == "a red ball"
+    assert entry["expanded"].startswith("A wide shot of a red ball")
+    assert entry["expansion"]["backend"] == "chat" and entry["expansion"]["kept"]
+    assert entry["expansion"]["seed"] == cfg.generate.seed
