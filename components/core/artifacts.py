@@ -196,3 +196,24 @@ def load_generator(cfg: TesseraConfig, directory: Path, device: Any = None) -> V
         max_frames=cfg.generate.max_frames,
         max_pixels=cfg.generate.max_pixels,
     )
+
+
+CAPTIONER_DIR = "captioner"
+
+
+def load_captioner(uri: str, device: Any = "cpu") -> tuple[Any, Any]:
+    """``(Captioner in eval mode, its CaptionTokenizer)`` from the train_captioner step's
+    ``captioner`` directory or a directory holding ``captioner/`` (local path, ``file://`` or
+    ``s3://``); the tokenizer is the one named in the model's config."""
+    from model.captioner import Captioner, load_caption_tokenizer
+    from model.config import WEIGHTS_NAME
+
+    for candidate in (uri, storage.join(uri, CAPTIONER_DIR)):
+        if storage.exists(storage.join(candidate, MODEL_CONFIG)):
+            with local_tree(candidate) as path:
+                model = Captioner.from_pretrained(path, device=device).eval()
+            return model, load_caption_tokenizer(model.config.tokenizer)
+    raise FileNotFoundError(
+        f"no captioner ({MODEL_CONFIG} + {WEIGHTS_NAME}) in {uri} or {uri}/{CAPTIONER_DIR}; "
+        "pass the train_captioner step's 'captioner' output"
+    )

@@ -560,6 +560,9 @@ class EvaluateConfig:
     max_bases: int = 6  # base captions; each is tried with every contrasting palette colour
     colour_frames: int = 9  # of the video variants (images stay one frame)
     min_distance: float = 55.0  # RGB distance from the background that counts as foreground
+    # what colour following prompts with: the recoloured long caption, the recoloured short
+    # caption as a user would type it, or that short prompt expanded (the ``expand`` section)
+    colour_prompts: Literal["caption", "short", "expanded"] = "caption"
     framing_checks: int = 200  # corpus files the framing classifier is checked on first
 
     def __post_init__(self) -> None:

@@ -46,7 +46,14 @@ T = TypeVar("T")
 
 # Lines of the workers' output echoed to the launching process (the Airflow task log, the CLI):
 # progress and results; DeepSpeed's and torchrun's chatter stays in the step's log file.
-PROGRESS_PREFIXES = (b"train_vae:", b"train_dit:", b"train_evaluator:", b"[rank0]:", b"Traceback")
+PROGRESS_PREFIXES = (
+    b"train_vae:",
+    b"train_dit:",
+    b"train_evaluator:",
+    b"train_captioner:",
+    b"[rank0]:",
+    b"Traceback",
+)
 
 
 # ds_to_universal's output for checkpoint step-0000100 goes to step-0000100-universal

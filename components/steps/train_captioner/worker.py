@@ -1,0 +1,257 @@
+"""One DeepSpeed process of captioner training (``run_workers`` launches it): the teacher-forced
+loop over the three tasks, the held-out loss while it trains, and rank 0's saved model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from components.core import trainer as tr
+from components.core.config import TesseraConfig, TrainCaptionerConfig, from_dict
+from components.steps.train_captioner.data import (
+    CaptionDataset,
+    Collate,
+    Item,
+    read_items,
+    select,
+)
+from model.captioner import (
+    CAPTIONER_SIZES,
+    Captioner,
+    CaptionerConfig,
+    CaptionTokenizer,
+    build_vocab,
+    caption_loss,
+    load_caption_tokenizer,
+    pad_tokens,
+)
+
+CAPTIONER_DIR = "captioner"
+RESULT_NAME = "train_result.json"
+HISTORY_NAME = "history.json"
+LOG_NAME = "train_captioner.log"
+
+
+def model_config(tc: TrainCaptionerConfig, tokenizer: CaptionTokenizer, texts: list[str]):
+    """The captioner of ``tc.size`` at the step's working size, reading and writing the
+    sub-vocabulary of the training captions (a pure function of the data: a resume rebuilds
+    the same model)."""
+    return CAPTIONER_SIZES.config(
+        tc.size,
+        short_side=tc.short_side,
+        frames=tc.frames,
+        max_tokens=tc.max_tokens,
+        tokenizer=tokenizer.name,
+        vocab=build_vocab(tokenizer, texts),
+        vocab_size=tokenizer.vocab_size,
+        unk_id=tokenizer.unk_id,
+    )
+
+
+class CaptionObjective(nn.Module):
+    """What the DeepSpeed engine runs: video memories for the video samples, prompt memories for
+    the expand samples, one decoder pass over both, the teacher-forced loss."""
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.captioner = Captioner(config)
+
+    def forward(
+        self,
+        videos: list[Tensor],
+        prompt_ids: Tensor | None,
+        prompt_mask: Tensor | None,
+        inputs: Tensor,
+        targets: Tensor,
+    ) -> Tensor:
+        model = self.captioner
+        memories = []
+        if videos:
+            memory, mask = model.encode_videos(videos)  # (Bv, M, D)
+            memories += [(m[k]) for m, k in zip(memory, mask, strict=True)]
+        if prompt_ids is not None:
+            memory, mask = model.encode_prompts(prompt_ids, prompt_mask)  # (Bp, P, D)
+            memories += [(m[k]) for m, k in zip(memory, mask, strict=True)]
+        memory, mask = pad_tokens(memories)  # (B, M', D), (B, M')
+        return caption_loss(model, model(inputs, memory, mask), targets)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    def move(x: Any) -> Any:
+        return x.to(device) if isinstance(x, Tensor) else x
+
+    return {
+        "videos": [v.to(device) for v in batch["videos"]],
+        "prompt_ids": move(batch["prompt_ids"]),
+        "prompt_mask": move(batch["prompt_mask"]),
+        "inputs": move(batch["inputs"]),
+        "targets": move(batch["targets"]),
+    }
+
+
+@torch.no_grad()
+def held_out(
+    objective: CaptionObjective, batches: list[dict[str, Any]], device: torch.device
+) -> float:
+    """Teacher-forced loss of the held-out samples (both styles), token-weighted over batches."""
+    was_training = objective.training
+    objective.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        n = int((batch["targets"] != -100).sum())
+        total += objective(**_to(batch, device)).item() * n
+        tokens += n
+    objective.train(was_training)
+    return total / max(1, tokens)
+
+
+def _val_batches(
+    items: list[Item], dataset: CaptionDataset, collate: Collate, size: int
+) -> list[dict[str, Any]]:
+    """Every held-out clip in the descriptive style and, where it has one, the short style."""
+    samples = []
+    for item in items:
+        video = dataset.clips(item.clip)
+        samples.append({"task": "descriptive", "video": video, "prompt": "", "text": item.caption})
+        if item.short_caption:
+            samples.append(
+                {"task": "short", "video": video, "prompt": "", "text": item.short_caption}
+            )
+    for i, s in enumerate(samples):
+        s["position"] = i
+    return [collate(samples[i : i + size]) for i in range(0, len(samples), size)]
+
+
+def worker(payload: dict[str, Any]) -> None:
+    """One DeepSpeed process of captioner training; payload from ``trainer.build_payload``."""
+    cfg = from_dict(TesseraConfig, payload["cfg"])
+    tc: TrainCaptionerConfig = cfg.train_captioner
+    train = tc.train
+    out_dir = Path(payload["out_dir"])
+    tokenizer = load_caption_tokenizer()
+    picked = select(read_items(payload["manifest"]), tc)
+    texts = [t for i in picked["train"] for t in (i.caption, i.short_caption) if t]
+    torch.manual_seed(cfg.seed)
+    objective = CaptionObjective(model_config(tc, tokenizer, texts))
+    trainer = tr.Trainer(
+        objective, train, Path(payload["checkpoint_dir"]), payload.get("mlflow_run_id")
+    )
+    device, rank0 = trainer.device, trainer.rank == 0
+    client_state = trainer.resume() or {}
+
+    dataset = CaptionDataset(
+        tr.balance_kinds(picked["train"], tc.video_share, lambda i: i.clip.kind), tc, cfg.seed
+    )
+    collate = Collate(tokenizer, tc.max_tokens)
+    sampler = tr.PositionedSampler(
+        tr.ResumableSampler(
+            len(dataset),
+            seed=cfg.seed,
+            rank=trainer.rank,
+            world_size=trainer.world_size,
+            start=trainer.state.samples,
+        )
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=train.micro_batch,
+        sampler=sampler,
+        num_workers=train.num_workers,
+        collate_fn=collate,
+    )
+    val = _val_batches(picked["val"], dataset, collate, train.micro_batch) if rank0 else []
+
+    stop_at = min(int(payload.get("stop_at") or train.steps), train.steps)
+    log_every, eval_every = max(1, train.log_every), max(1, tc.eval_every)
+    history: list[dict[str, Any]] = []
+    initial_loss = client_state.get("initial_loss")
+    last: dict[str, float] = client_state.get("last") or {}
+    sums, count = 0.0, 0
+    window_start, window_steps, train_time = time.perf_counter(), 0, 0.0
+    batches = iter(loader)
+    saved_at = trainer.state.step if client_state else -1
+    while trainer.state.step < stop_at:
+        batch = next(batches)
+        with tr.maybe_autocast(train):
+            loss = trainer.engine(**_to(batch, device))
+        loss = loss.float()
+        if not trainer.backward_step(loss):
+            continue
+        step = trainer.state.step
+        sums, count = sums + loss.item(), count + 1
+        window_steps += 1
+        history.append({"step": step, "loss": loss.item(), "positions": batch["positions"]})
+        if step % log_every == 0 or step == stop_at:
+            elapsed = time.perf_counter() - window_start
+            train_time += elapsed
+            mean = _mean_over_ranks(sums, count)
+            sums, count = 0.0, 0
+            if initial_loss is None:
+                initial_loss = mean
+            last = {
+                **{k: v for k, v in last.items() if k == "val_loss"},
+                "loss": mean,
+                "lr": trainer.lr(),
+                "grad_norm": trainer.grad_norm(),
+                "samples_per_s": window_steps * trainer.global_batch / elapsed,
+                "step_time_s": elapsed / window_steps,
+            }
+            trainer.log(
+                {"train/loss" if k == "loss" else k: v for k, v in last.items() if k != "val_loss"}
+            )
+            if rank0:
+                print(
+                    f"train_captioner: step {step}/{train.steps} loss {mean:.4f} "
+                    f"{last['samples_per_s']:.1f} samples/s",
+                    flush=True,
+                )
+            window_start, window_steps = time.perf_counter(), 0
+        paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
+        if rank0 and val and (step % eval_every == 0 or step == train.steps):
+            last["val_loss"] = held_out(trainer.model, val, device)
+            trainer.log({"val_loss": last["val_loss"]})
+            print(f"train_captioner: step {step} held-out loss {last['val_loss']:.4f}", flush=True)
+        if step % train.checkpoint_every == 0 or step == stop_at:
+            trainer.save_checkpoint({"initial_loss": initial_loss, "last": last})
+            saved_at = step
+        window_start += time.perf_counter() - paused
+    if saved_at != trainer.state.step:  # nothing ran since the last checkpoint
+        trainer.save_checkpoint({"initial_loss": initial_loss, "last": last})
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / HISTORY_NAME).write_text(json.dumps(history))
+    if trainer.state.step < train.steps or not rank0:
+        return  # stopped early on purpose (stop_at), or not the rank that writes outputs
+    state = trainer.export_state_dict(use_ema=True)
+    final = Captioner(trainer.model.captioner.config)
+    final.load_state_dict({k.removeprefix("captioner."): v for k, v in state.items()})
+    final.save_pretrained(out_dir / CAPTIONER_DIR)
+    result = {
+        "steps": trainer.state.step,
+        "initial_loss": initial_loss,
+        "final_loss": last.get("loss"),
+        "val_loss": last.get("val_loss"),
+        "samples_per_s": last.get("samples_per_s"),
+        "step_time_s": last.get("step_time_s"),
+        "loop_seconds": train_time,
+        "precision": tr.precision(train),
+        "parameters": final.num_parameters(),
+        "vocab": len(final.config.vocab),
+        "train_clips": len(picked["train"]),
+        "train_videos": sum(i.clip.kind == "video" for i in picked["train"]),
+    }
+    Path(payload["result"]).write_text(json.dumps(result, indent=2, default=str))
+
+
+def _mean_over_ranks(total: float, count: int) -> float:
+    import torch.distributed as dist
+
+    pair = torch.tensor([total, float(count)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(pair)
+    return (pair[0] / pair[1].clamp(min=1)).item()

@@ -1,0 +1,164 @@
+"""The captioner's training step: its data (tasks by rate, clips at the working size, pairs), and
+real DeepSpeed runs on the tiny corpus (committed outputs, a loadable captioner, the held-out
+report, resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.core import artifacts, trainer
+from components.core.config import load_config
+from components.core.trainer import launch
+from components.steps import train_captioner
+from components.steps.train_captioner import data, worker
+from model.captioner import Captioner
+from tests.testing_utils.data import make_corpus
+from tests.testing_utils.step_tester import StepTesterMixin
+
+torch.set_num_threads(1)
+
+TINY = (  # a handful of steps of the tiny captioner
+    "train_captioner.size=captioner-tiny",
+    "train_captioner.short_side=16",
+    "train_captioner.frames=2",
+    "train_captioner.max_tokens=48",
+    "train_captioner.eval_every=4",
+    "train_captioner.num_beams=2",
+    "train_captioner.train.steps=6",
+    "train_captioner.train.micro_batch=4",
+    "train_captioner.train.warmup_steps=2",
+    "train_captioner.train.checkpoint_every=3",
+    "train_captioner.train.log_every=2",
+)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_training_clips_are_the_captioned_train_split(manifest):
+    tc = load_config("tiny", list(TINY)).train_captioner
+    picked = data.select(data.read_items(manifest), tc)
+    assert picked["train"] and all(i.trainable and i.clip.split == "train" for i in picked["train"])
+    assert all(not i.caption for i in picked["uncaptioned"])
+    assert picked["val_source"] in ("val", "train") and len(picked["val"]) >= 2
+    pairs = data.pairs(picked["train"])
+    assert pairs and all(p["short"] and p["long"] for p in pairs)
+
+
+def test_samples_follow_the_task_rates_and_positions(manifest):
+    tc = load_config(
+        "tiny", [*TINY, "train_captioner.short_rate=0.3", "train_captioner.expand_rate=0.3"]
+    ).train_captioner
+    items = data.select(data.read_items(manifest), tc)["train"]
+    ds = data.CaptionDataset(items, tc, seed=0)
+    samples = [ds.sample(p, p % len(items)) for p in range(60)]
+    tasks = [s["task"] for s in samples]
+    assert {"descriptive", "short", "expand"} == set(tasks)
+    for s in samples:
+        if s["task"] == "expand":
+            assert s["video"] is None and s["prompt"]
+        else:
+            _, f, h, w = s["video"].shape
+            assert min(h, w) == tc.short_side and f in (1, tc.frames)
+    assert [s["task"] for s in (ds.sample(p, p % len(items)) for p in range(60))] == tasks
+    batch = data.Collate(ds_tokenizer(), tc.max_tokens)(samples[:8])
+    assert batch["inputs"].shape == batch["targets"].shape and batch["inputs"].shape[0] == 8
+    assert (
+        len(batch["videos"]) + (0 if batch["prompt_ids"] is None else len(batch["prompt_ids"])) == 8
+    )
+
+
+def ds_tokenizer():
+    from model.captioner import load_caption_tokenizer
+
+    return load_caption_tokenizer()
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="unknown captioner size 'captioner-huge'"):
+        train_captioner.check(load_config("tiny", ["train_captioner.size=captioner-huge"]))
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+class TestTrainCaptionerStep(StepTesterMixin):
+    """The tiny captioner for a handful of steps, then the held-out report."""
+
+    step = train_captioner.STEP
+    overrides = TINY
+    bad_config = ("train_captioner.size=captioner-huge",)
+    bad_config_error = "unknown captioner size 'captioner-huge'"
+
+    @pytest.fixture(scope="class")
+    def step_inputs(self, manifest):
+        factors = Path(manifest).parents[1] / "raw" / "factors.parquet"
+        return {"manifest": manifest, "factors": str(factors)}
+
+    def test_the_saved_captioner_loads_and_captions(self, step_run):
+        out = step_run.outputs
+        model, tokenizer = artifacts.load_captioner(out["captioner"])
+        assert isinstance(model, Captioner) and not model.training
+        assert model.config.short_side == 16 and len(model.config.vocab) == out["vocab"]
+        from model.captioner import caption_videos, expand_prompts
+
+        (found,) = caption_videos(model, tokenizer, [torch.zeros(3, 3, 20, 30)], num_beams=2)
+        assert isinstance(found[0], str) and found[1] <= 0
+        (samples,) = expand_prompts(model, tokenizer, ["red ball"], seed=0, num_return=2)
+        assert len(samples) == 2
+
+    def test_writes_pairs_and_the_report(self, step_run):
+        out = step_run.outputs
+        pairs = json.loads(Path(out["pairs"]).read_text())
+        assert pairs and set(pairs[0]) == {"short", "long"} and out["pairs_count"] == len(pairs)
+        report = json.loads(Path(out["report"]).read_text())
+        assert report["val_source"] == out["val_source"] and report["num_beams"] == 2
+        assert set(report["styles"]) == {"short", "descriptive"}
+        for entry in report["styles"].values():
+            assert {"bleu4", "rouge_l", "confidence", "examples"} <= set(entry)
+        scores = report["attributes"]["scores"]
+        assert set(scores) == {"colour", "shape", "motion", "background"}
+        assert out["steps"] == 6
+
+    def test_logs_training_and_report(self, step_run):
+        import mlflow
+
+        from components.core import tracking
+
+        client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri())
+        run_id = step_run.outputs["mlflow_run_id"]
+        assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6]
+        assert client.get_metric_history(run_id, "val_loss")
+        metrics = client.get_run(run_id).data.metrics
+        assert {"bleu4_descriptive", "rouge_l_short", "accuracy_colour"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_resume_continues_steps_and_data(manifest, tmp_path):
+    cfg = load_config("tiny", list(TINY))
+    body = trainer.build_payload(
+        cfg, tmp_path, tmp_path / "ckpt", worker.RESULT_NAME, manifest=manifest
+    )
+    entry = "components.steps.train_captioner.worker:worker"
+    launch(entry, {**body, "stop_at": 3}, 1, tmp_path / "train.log")  # pre-empted after step 3
+    first = json.loads((tmp_path / worker.HISTORY_NAME).read_text())
+    assert [h["step"] for h in first] == [1, 2, 3] and not (tmp_path / worker.RESULT_NAME).exists()
+    launch(entry, body, 1, tmp_path / "train.log")  # resumes from the step-3 checkpoint
+    second = json.loads((tmp_path / worker.HISTORY_NAME).read_text())
+    assert [h["step"] for h in second] == [4, 5, 6]
+    batch = cfg.train_captioner.train.micro_batch
+    positions = [p for h in first + second for p in h["positions"]]
+    assert positions == list(range(6 * batch))  # the data stream continues where it stopped
+    result = json.loads((tmp_path / worker.RESULT_NAME).read_text())
+    assert result["steps"] == 6
+    assert (tmp_path / worker.CAPTIONER_DIR / "model.safetensors").exists()
