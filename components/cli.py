@@ -163,6 +163,58 @@ def dataset_checkout(
 # --------------------------------------------------------------------------- training
 
 
+@step_command("train_captioner")
+def train_captioner(
+    manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
+    factors: Annotated[
+        str, typer.Option(help="The demo corpus's factors.parquet: held-out attribute accuracy.")
+    ] = "",
+) -> dict:
+    """Train the video captioner (short + descriptive styles, and prompt expansion) on the
+    captioned clips; report held-out BLEU-4, ROUGE-L and attribute accuracy."""
+    return {"manifest": manifest, "factors": factors}
+
+
+@app.command("caption")
+def caption(
+    manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
+    captioner: Annotated[
+        str,
+        typer.Option(
+            help="A trained captioner (train-captioner's captioner/); default: train one."
+        ),
+    ] = "",
+    factors: Annotated[
+        str, typer.Option(help="With no --captioner: the factors.parquet for its report.")
+    ] = "",
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+    run_id: RunId = None,
+    no_track: NoTrack = False,
+) -> None:
+    """Re-caption every clip (both styles, in shards) into captions.parquet; without
+    --captioner, train-captioner runs first in the same run."""
+    from components.core import runner
+    from components.orchestration.tasks import spec
+
+    cfg = _config(profile, overrides)
+    track = not no_track
+    ctx = (
+        runner.RunContext(run_id, "cli", None, track)
+        if run_id
+        else runner.RunContext.new("cli", track=track)
+    )
+    if not captioner:
+        trained = runner.run_in_process(
+            spec("train_captioner"), cfg, ctx, manifest=manifest, factors=factors
+        )
+        captioner = trained["captioner"]
+    outputs = runner.run_in_process(
+        spec("caption"), cfg, ctx, manifest=manifest, captioner=captioner
+    )
+    typer.echo(json.dumps(outputs, indent=2, sort_keys=True, default=str))
+
+
 @step_command("train_vae")
 def train_vae(
     manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
@@ -175,9 +227,13 @@ def train_vae(
 def encode(
     manifest: Annotated[str, typer.Argument(help="URI of the versioned manifest.parquet.")],
     vae: Annotated[str, typer.Option(help="VAE directory (the train-vae output's vae/).")],
+    captions: Annotated[
+        str | None,
+        typer.Option(help="The caption step's captions.parquet: train on re-captioned captions."),
+    ] = None,
 ) -> dict:
     """Encode every clip at native size into latent shards + index.parquet."""
-    return {"manifest": manifest, "vae": vae}
+    return {"manifest": manifest, "vae": vae, "captions": captions}
 
 
 @step_command("train_dit")
@@ -252,6 +308,13 @@ def generate(
             help="Frames per video, rounded up to 1 + 4k (default generate.sample_frames)."
         ),
     ] = None,
+    expand: Annotated[
+        bool | None,
+        typer.Option(
+            "--expand/--no-expand",
+            help="Expand prompts into descriptive captions first (default generate.expand).",
+        ),
+    ] = None,
 ) -> dict:
     """Text to video (or image): every prompt at every aspect ratio, written as mp4/png."""
     return {
@@ -259,7 +322,37 @@ def generate(
         "prompts": list(prompt),
         "aspects": aspect or ["16:9"],
         "frames": frames,
+        "expand": expand,
     }
+
+
+@app.command("expand")
+def expand(
+    prompt: Annotated[str, typer.Argument(help="A short prompt, e.g. 'red ball bouncing'.")],
+    seed: Annotated[int, typer.Option(help="Same prompt + seed = same expansion.")] = 0,
+    model: Annotated[
+        str,
+        typer.Option(
+            help="builtin: a captioner directory (default: the latest trained one in the "
+            "store); hf: a causal LM directory. Sets expand.model."
+        ),
+    ] = "",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the text and its metadata.")
+    ] = False,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+) -> None:
+    """Expand a short prompt into a long descriptive caption in the style of the training
+    captions (backend: expand.backend = builtin | chat | hf)."""
+    from components.core import expansion
+
+    cfg = _config(profile, [*(overrides or []), *([f"expand.model={model}"] if model else [])])
+    result = expansion.expand_with_config(prompt, cfg, seed=seed)
+    if as_json:
+        typer.echo(json.dumps({"text": result.text, **result.metadata}, indent=2, default=str))
+    else:
+        typer.echo(result.text)
 
 
 @step_command("edit")
@@ -368,6 +461,8 @@ def _print_summary(summary: dict) -> None:
         "data docs": storage.join(summary["validate"]["data_docs"], "index.html"),
         "quarantine": summary["validate"]["quarantine"],
         "dataset rev": summary["version"]["dataset_rev"],
+        "captioner": _captioner_line(summary.get("train_captioner")),
+        "captions": _captions_line(summary.get("caption")),
         "vae": f"{vae['vae']} (held-out real footage PSNR "
         f"{'n/a' if holdout is None else f'{holdout:.2f}'} dB)",
         "sweep": _sweep_line(summary["sweep"]),
@@ -380,6 +475,36 @@ def _print_summary(summary: dict) -> None:
         lines["report"] = summary["evaluate"]["report"]
     for key, value in lines.items():
         typer.echo(f"  {key:<16} {value}")
+
+
+def _captioner_line(trained: dict | None) -> str:
+    if not trained:
+        return "not run"
+    parts = [f"{trained['captioner']} ({trained['steps']} steps)"]
+    for style in ("descriptive", "short"):
+        if f"bleu4_{style}" in trained:
+            parts.append(
+                f"{style} BLEU-4 {trained[f'bleu4_{style}']:.1f} "
+                f"ROUGE-L {trained[f'rouge_l_{style}']:.3f}"
+            )
+    accuracy = [
+        f"{name} {trained[f'accuracy_{name}']:.2f} (chance {trained[f'chance_{name}']:.2f})"
+        for name in ("colour", "shape", "motion", "background")
+        if f"accuracy_{name}" in trained
+    ]
+    if accuracy:
+        parts.append("held-out attributes: " + ", ".join(accuracy))
+    return "; ".join(parts)
+
+
+def _captions_line(captioned: dict | None) -> str:
+    if not captioned:
+        return "not run"
+    return (
+        f"{captioned['captions']}: {captioned['recaptioned']} clips re-captioned by "
+        f"{captioned['captioner_version']} ({captioned['with_original']} had a caption; "
+        f"mean token log-prob {captioned['mean_confidence']:.3f})"
+    )
 
 
 def _sweep_line(sweep: dict) -> str:

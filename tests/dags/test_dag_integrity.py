@@ -17,7 +17,7 @@ PROBE = """
 import json, sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
-dag = bag.dags.get("tessera_pipeline")
+dag = bag.dags.get(sys.argv[2])
 heavy = sorted(m for m in ("torch", "mlflow", "pandas", "great_expectations", "dvc", "av",
                            "components") if m in sys.modules)
 tasks = dag.tasks if dag else []
@@ -39,13 +39,11 @@ print(json.dumps({
     "heavy": heavy,
 }))
 """
-STEPS = ["demo_data", "ingest", "validate", "version", "train_vae", "encode", "sweep"]
-STEPS += ["generate", "train_evaluator", "evaluate"]
+STEPS = ["demo_data", "ingest", "validate", "version", "train_captioner", "caption"]
+STEPS += ["train_vae", "encode", "sweep", "generate", "train_evaluator", "evaluate"]
 
 
-@pytest.fixture(scope="module")
-def dagbag(tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow")
+def _read_back(home, dag_id: str) -> dict:
     env = {
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -53,7 +51,7 @@ def dagbag(tmp_path_factory):
         "TESSERA_HOME": str(home / "tessera"),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", PROBE, str(DAGS_FOLDER)],
+        [sys.executable, "-c", PROBE, str(DAGS_FOLDER), dag_id],
         env=env,
         capture_output=True,
         text=True,
@@ -64,13 +62,43 @@ def dagbag(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def dagbag(tmp_path_factory):
+    return _read_back(tmp_path_factory.mktemp("airflow"), "tessera_pipeline")
+
+
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    return _read_back(tmp_path_factory.mktemp("airflow"), "recaption_ablation")
+
+
+def test_the_ablation_dag_reads_back_as_written(ablation):
+    assert ablation["errors"] == {} and "recaption_ablation" in ablation["dags"]
+    steps = ["sweep", "recaption_ablation"]
+    parts = ["sweep_plan", "sweep_point", "recaption_ablation_plan", "recaption_ablation_cell"]
+    assert ablation["tasks"] == sorted(["start", "source", *steps, *parts, "finish"])
+    edges = {tuple(e) for e in ablation["edges"]}
+    chain = ["start", "sweep_plan", "sweep_point", "sweep", "recaption_ablation_plan"]
+    chain += ["recaption_ablation_cell", "recaption_ablation", "finish"]
+    for edge in itertools.pairwise(chain):
+        assert edge in edges, edge
+    assert ablation["mapped"] == ["recaption_ablation_cell", "sweep_point"]
+    assert ablation["teardowns"] == ["finish"] and all(ablation["timeouts"].values())
+    assert ablation["pools"]["sweep_point"] == "accelerator"
+    for task in ablation["tasks"]:
+        assert f"`{task}`" in ablation["doc_md"], task
+    assert {"source_run", "budget"} <= set(ablation["params"])
+    assert ablation["heavy"] == []
+
+
 def test_no_import_errors(dagbag):
     assert dagbag["errors"] == {}
     assert "tessera_pipeline" in dagbag["dags"]
 
 
 def test_a_task_is_named_after_its_step(dagbag):
-    parts = ["encode_plan", "encode_shard", "sweep_plan", "sweep_point"]
+    parts = ["caption_plan", "caption_shard", "encode_plan", "encode_shard"]
+    parts += ["sweep_plan", "sweep_point"]
     assert dagbag["tasks"] == sorted(["start", *STEPS, *parts, "finish"])
     from components.orchestration.tasks import spec
 
@@ -80,15 +108,17 @@ def test_a_task_is_named_after_its_step(dagbag):
 
 def test_pipeline_shape(dagbag):
     edges = {tuple(e) for e in dagbag["edges"]}
-    chain = ["start", "demo_data", "ingest", "validate", "version", "train_vae", "encode_shard"]
-    chain += ["encode", "sweep_plan", "sweep_point", "sweep", "generate", "finish"]
+    chain = ["start", "demo_data", "ingest", "validate", "version", "train_captioner"]
+    chain += ["caption_plan", "caption_shard", "caption", "train_vae", "encode_shard", "encode"]
+    chain += ["sweep_plan", "sweep_point", "sweep", "generate", "finish"]
     for edge in itertools.pairwise(chain):
         assert edge in edges, edge
     assert {("version", "encode_plan"), ("encode_plan", "encode_shard")} <= edges
     assert ("train_vae", "sweep_point") in edges  # the points sample with the VAE
+    assert ("caption", "encode_shard") in edges  # latents carry the re-captioned captions
     assert {("sweep", "evaluate"), ("train_evaluator", "evaluate")} <= edges
     assert ("version", "train_evaluator") in edges
-    assert dagbag["mapped"] == ["encode_shard", "sweep_point"]
+    assert dagbag["mapped"] == ["caption_shard", "encode_shard", "sweep_point"]
     # every task reports to finish, directly or through its descendants
     assert {t for t, d in edges if d == "finish"} >= {"evaluate", "generate", "demo_data"}
 
@@ -103,13 +133,15 @@ def test_every_task_has_a_timeout_and_retries_on_purpose(dagbag):
     assert all(dagbag["timeouts"].values()), dagbag["timeouts"]
     assert dagbag["timeouts"]["sweep_point"] >= 24 * 3600 > dagbag["timeouts"]["validate"]
     # a misspelled default_args key would silently leave retries at 0
-    assert all(dagbag["retries"][t] == 2 for t in [*STEPS, "sweep_point"])
+    assert all(dagbag["retries"][t] == 2 for t in [*STEPS, "caption_shard", "sweep_point"])
 
 
 def test_dvc_and_training_runs_have_their_pools(dagbag):
     assert dagbag["pools"]["version"] == "tessera_dvc" and POOLS["tessera_dvc"][0] == 1
-    assert dagbag["pools"]["sweep_point"] == "accelerator" and POOLS["accelerator"][0] == 1
-    others = {p for t, p in dagbag["pools"].items() if t not in ("version", "sweep_point")}
+    training = ("train_captioner", "sweep_point")
+    assert {dagbag["pools"][t] for t in training} == {"accelerator"}
+    assert POOLS["accelerator"][0] == 1
+    others = {p for t, p in dagbag["pools"].items() if t not in ("version", *training)}
     assert others == {"default_pool"}
     assert dagbag["max_active_runs"] > 1  # runs overlap; only DVC is serialised
 

@@ -1,6 +1,7 @@
 """The whole pipeline DAG through a real Airflow ``dag.test()`` on the tiny profile, tracked by a
 real MLflow server, run as a user runs it (``tessera run``): demo corpus → ingest → validate →
-version → train_vae → encode (mapped over shards) → a 2-budget compute sweep (mapped over its
+version → train_captioner → caption (mapped over shards) → train_vae → encode (mapped over
+shards) → a 2-budget compute sweep (mapped over its
 points, one of them forced to fail once) → generate and evaluate; and the same DAG with a config
 the sweep's plan refuses."""
 
@@ -19,7 +20,8 @@ from components.core.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
-STEPS = {"demo_data", "ingest", "validate", "version", "train_vae", "encode", "sweep"}
+STEPS = {"demo_data", "ingest", "validate", "version", "train_captioner", "caption"}
+STEPS |= {"train_vae", "encode", "sweep"}
 STEPS |= {"generate", "train_evaluator", "evaluate"}
 
 
@@ -46,7 +48,7 @@ def mlflow_runs(mlflow_url: str, run_id: str) -> dict:
     return {"experiment": experiment, "steps": {r.data.tags["tessera.step"]: r for r in runs}}
 
 
-FAILING_POINT = "native-original-tessera-tiny-4e08"  # the tiny profile's smaller budget
+FAILING_POINT = "native-recaptioned-tessera-tiny-4e08"  # the tiny profile's smaller budget
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,37 @@ def test_dag_evaluates_the_model(pipeline_run):
     assert "fvd_domain" in result["metrics"] and "clip_score_domain" in result["metrics"]
     assert result["extractors"]["domain"] and storage.exists(evaluated["report"])
     assert summary["train_evaluator"]["evaluator"]
+
+
+def test_the_corpus_is_recaptioned_and_training_reads_those_captions(pipeline_run):
+    """caption writes every clip once; encode records which caption (and which captioner)
+    each clip trains with; the latest captioner expands prompts offline."""
+    import pyarrow.parquet as pq
+
+    from components.core.latents import read_index
+
+    home, summary, _ = pipeline_run
+    captions = pq.read_table(summary["caption"]["captions"]).to_pylist()
+    manifest = pq.read_table(summary["version"]["manifest"]).to_pylist()
+    assert sorted(r["clip_id"] for r in captions) == sorted(r["clip_id"] for r in manifest)
+    assert {r["caption_source"] for r in captions} == {"recaptioned"}
+    index = read_index(summary["encode"]["latents"])
+    recaptioned = index[index["caption_source"] == "recaptioned"]
+    assert len(recaptioned) and recaptioned["captioner_version"].notna().all()
+    uncaptioned = {r["clip_id"] for r in manifest if not r["caption"]}
+    assert uncaptioned <= set(recaptioned["clip_id"])  # clips without captions gained one
+    env = {**os.environ, "TESSERA_HOME": str(home)}
+    proc = subprocess.run(
+        [TESSERA, "expand", "red ball", "--seed", "3", "--json", "-p", "tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expanded = json.loads(proc.stdout)
+    assert expanded["backend"] == "builtin" and expanded["kept"]
+    assert "red" in expanded["text"].lower() and "ball" in expanded["text"].lower()
 
 
 def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server):
