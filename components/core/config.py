@@ -330,6 +330,10 @@ class CaptionConfig:
     # deterministic choice per clip, made by encode
     original_share: float = 0.05
     table_clips: int = 6  # real-footage clips logged with their frames and captions
+    # a pretrained transformers captioner (BLIP, GIT, VisionEncoderDecoder; a save_pretrained
+    # directory, local or s3://) used instead of the trained one; its descriptive-style prompt
+    pretrained: str = ""
+    descriptive_prompt: str = ""
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.num_beams < 1 or self.max_new_tokens < 1:

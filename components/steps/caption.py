@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,19 @@ def load_captioner(uri: str, device: Any = "cpu") -> tuple[Captioner, CaptionTok
     return model.requires_grad_(False), tokenizer, version
 
 
+def load_pretrained(cfg: TesseraConfig, device: Any = "cpu") -> tuple[Any, None, str]:
+    """The transformers captioner ``caption.pretrained`` names (local or ``s3://``), no
+    tokenizer of ours, and its version: ``hf-{model_type}-{sha256(model.safetensors)[:12]}``."""
+    from model.pretrained_captioner import PretrainedCaptioner
+
+    uri = cfg.caption.pretrained
+    with artifacts.local_tree(uri) as path:
+        model = PretrainedCaptioner.from_dir(path, cfg.caption.descriptive_prompt, device)
+        weights = Path(path) / "model.safetensors"
+        digest = _sha256(str(weights))[:12] if weights.is_file() else "unhashed"
+    return model, None, f"hf-{model.config.model_type}-{digest}"
+
+
 # --------------------------------------------------------------------------- pixels
 
 
@@ -162,7 +176,13 @@ def plan_shards(
 ) -> list[dict[str, Any]]:
     """Split the manifest's clips, in manifest order, into ``caption.shard_size``-clip shards:
     ``[{"clip_ids": [...]}, ...]``. A missing captioner fails here, before any shard runs."""
-    if captioner:
+    if cfg.caption.pretrained:
+        if not storage.exists(storage.join(cfg.caption.pretrained, "config.json")):
+            raise FileNotFoundError(
+                f"caption.pretrained={cfg.caption.pretrained!r} holds no config.json: give the "
+                "directory a transformers captioner was saved to (save_pretrained)"
+            )
+    elif captioner:
         find_captioner(captioner)
     size = cfg.caption.shard_size
     ids = [c.clip_id for c in read_clips(manifest)]
@@ -218,14 +238,10 @@ def caption_clips(
         for start in range(0, len(clips), BATCH):
             batch = clips[start : start + BATCH]
             videos = [read_pixels(c, model.config.short_side) for c in batch]
+            run = model.caption if tokenizer is None else partial(caption_videos, model, tokenizer)
             found = {
-                style: caption_videos(
-                    model,
-                    tokenizer,
-                    videos,
-                    style=style,
-                    num_beams=cc.num_beams,
-                    max_new_tokens=cc.max_new_tokens,
+                style: run(
+                    videos, style=style, num_beams=cc.num_beams, max_new_tokens=cc.max_new_tokens
                 )
                 for style in ("descriptive", "short")
             }
@@ -267,7 +283,10 @@ def caption_shard(
     workdir = Path(workdir)
     started = time.perf_counter()
     clips = _shard_clips(manifest, shard)
-    model, tokenizer, version = load_captioner(captioner, artifacts.default_device())
+    if cfg.caption.pretrained:
+        model, tokenizer, version = load_pretrained(cfg, artifacts.default_device())
+    else:
+        model, tokenizer, version = load_captioner(captioner, artifacts.default_device())
     found = caption_clips(cfg, model, tokenizer, clips, desc=f"caption shard {shard['index']}")
     originals = _originals(manifest)
     rows = [

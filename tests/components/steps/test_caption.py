@@ -174,3 +174,24 @@ def test_size_name_reads_the_architecture():
     cfg = CAPTIONER_SIZES.config("captioner-xs", short_side=32, frames=2, max_tokens=48)
     assert caption.size_name(cfg) == "captioner-xs"
     assert caption.size_name(CAPTIONER_SIZES.config("captioner-xs", dim=96)) == "captioner-custom"
+
+
+@pytest.mark.slow  # transformers' vision models import in seconds
+def test_a_pretrained_transformers_captioner_captions_a_shard(corpus, tmp_path):
+    """caption.pretrained: a team's own vision-language model (a save_pretrained directory)
+    captions instead of the trained captioner, with its own version."""
+    from tests.model.test_pretrained_captioner import save_tiny_vision_captioner
+
+    vlm = save_tiny_vision_captioner(tmp_path / "vlm")
+    cfg = load_config("tiny", [f"caption.pretrained={vlm}", "caption.max_new_tokens=8"])
+    (shard,) = runner.plan_parts(caption.STEP, cfg, manifest=corpus["manifest"], captioner="")[:1]
+    work = tmp_path / "work"
+    work.mkdir()
+    result = caption.caption_shard(cfg, work, shard, corpus["manifest"], captioner="")
+    assert result.values["captioner_version"].startswith("hf-vision-encoder-decoder-")
+    rows = mf.read_table(str(work / caption.CAPTIONS_NAME)).to_pylist()
+    assert [r["clip_id"] for r in rows] == shard["clip_ids"]
+    assert all(isinstance(r["caption"], str) and r["confidence"] <= 0 for r in rows)
+    missing = load_config("tiny", [f"caption.pretrained={tmp_path / 'none'}"])
+    with pytest.raises(FileNotFoundError, match="holds no config.json"):
+        runner.plan_parts(caption.STEP, missing, manifest=corpus["manifest"], captioner="")
