@@ -423,6 +423,31 @@ def run_pipeline(
     _print_summary(summary)
 
 
+@app.command("recaption-ablation")
+def recaption_ablation(
+    source_run: Annotated[
+        str, typer.Option(help="A finished pipeline run id (its latents, VAE, evaluator, corpus).")
+    ] = "",
+    budget: Annotated[float, typer.Option(help="Training FLOPs of each of the two DiTs.")] = 4e13,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+) -> None:
+    """Run the recaption_ablation DAG: two DiTs at equal compute (short vs recaptioned
+    captions), each prompted with short prompts typed and expanded; prints the 2x2 table."""
+    from components.core import storage
+    from components.orchestration import airflow_local
+
+    summary = airflow_local.dags_test(
+        profile,
+        overrides or [],
+        dag_id="recaption_ablation",
+        params={"source_run": source_run, "budget": budget},
+    )
+    table = summary["recaption_ablation"]["table"]
+    typer.echo(storage.read_text(table))
+    typer.echo(f"  table            {table}")
+
+
 @app.command("demo")
 def demo(profile: Profile = "demo", port: int = 5000) -> None:
     """Start MLflow on loopback and run the pipeline DAG on the demo corpus; print where to look."""

@@ -70,17 +70,21 @@ def prepare() -> None:
 
 
 def dags_test(
-    profile: str, overrides: list[str], source: str = "", captions: str = ""
+    profile: str,
+    overrides: list[str],
+    source: str = "",
+    captions: str = "",
+    *,
+    dag_id: str = DAG_ID,
+    params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline DAG once with ``dag.test()``; returns the run's summary (every
-    committed step's outputs, as the ``finish`` task wrote it)."""
+    """Run a DAG (the pipeline, or ``dag_id`` with its ``params``) once with ``dag.test()``;
+    returns the run's summary (every committed step's outputs, as its ``finish`` task wrote
+    it)."""
     prepare()
-    conf = {
-        "profile": profile,
-        "overrides": list(overrides),
-        "source": source,
-        "captions": captions,
-    }
+    conf = {"profile": profile, "overrides": list(overrides), **(params or {})}
+    if dag_id == DAG_ID:
+        conf |= {"source": source, "captions": captions}
     with tempfile.TemporaryDirectory(prefix="tessera-dagrun-") as tmp:
         report = Path(tmp) / "dagrun.json"
         proc = subprocess.run(
@@ -88,7 +92,7 @@ def dags_test(
                 sys.executable,
                 "-m",
                 "components.orchestration.airflow_local",
-                DAG_ID,
+                dag_id,
                 json.dumps(conf),
                 str(report),
             ],
@@ -99,7 +103,7 @@ def dags_test(
     logs = f"{airflow_env()['AIRFLOW_HOME']}/logs"
     if not dag_run:
         raise DagRunFailed(
-            f"DAG {DAG_ID} did not run (exit {proc.returncode}); see the output above"
+            f"DAG {dag_id} did not run (exit {proc.returncode}); see the output above"
         )
     cfg = load_config(profile, overrides)
     run_id = sanitize_run_id(dag_run["run_id"])
@@ -107,7 +111,7 @@ def dags_test(
     summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else {}
     if not dag_run["state"].endswith("success"):
         raise DagRunFailed(
-            f"DAG {DAG_ID} run {dag_run['run_id']} ended {dag_run['state']}: failed tasks "
+            f"DAG {dag_id} run {dag_run['run_id']} ended {dag_run['state']}: failed tasks "
             f"{summary.get('failed', '(no summary written)')}. Task logs are above and under "
             f"{logs}; training steps also keep theirs beside their checkpoints in "
             f"{Environment.read().home / 'checkpoints' / run_id}"

@@ -172,6 +172,41 @@ def test_the_corpus_is_recaptioned_and_training_reads_those_captions(pipeline_ru
     assert "red" in expanded["text"].lower() and "ball" in expanded["text"].lower()
 
 
+def test_the_recaption_ablation_dag_runs_on_the_finished_run(pipeline_run, mlflow_server):
+    """Two DiTs at one budget (short vs recaptioned captions), four cells, the 2x2 table."""
+    home, summary, _ = pipeline_run
+    environment = {
+        **os.environ,
+        "TESSERA_HOME": str(home),
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+    }
+    environment.pop("AIRFLOW_HOME", None)
+    proc = subprocess.run(
+        [TESSERA, "recaption-ablation", "-p", "tiny", "--source-run", summary["run_id"]]
+        + ["--budget", "4e8"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "| recaptioned captions |" in proc.stdout and "| short captions |" in proc.stdout
+    ablation = json.loads(
+        (home / "store" / "latest" / "pipeline-recaption_ablation.json").read_text()
+    )
+    result = json.loads(storage.read_text(ablation["recaption_ablation"]["result"]))
+    assert sorted(result["cells"]) == [
+        "recaptioned-expanded",
+        "recaptioned-short",
+        "short-expanded",
+        "short-short",
+    ]
+    expanded = result["cells"]["recaptioned-expanded"]["colour"]["trials"]
+    assert all(t["expansion"]["kept"] for t in expanded)  # the asked colour survives expansion
+    claim = result["differences"]["recaptioned_expanded_vs_short_short"]
+    assert claim["low"] <= claim["difference"] <= claim["high"]
+
+
 def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server):
     _, summary, _ = pipeline_run
     found = mlflow_runs(mlflow_server.url, summary["run_id"])

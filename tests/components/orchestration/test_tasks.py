@@ -16,7 +16,9 @@ PARAMS = {"profile": "tiny", "overrides": [], "source": "", "captions": "", "tra
 
 
 def test_every_step_is_found_by_its_name():
-    for name in ("demo_data", "ingest", "encode", "train_dit", "train_evaluator", "evaluate"):
+    for name in ("demo_data", "ingest", "train_captioner", "caption", "encode", "train_dit"):
+        assert tasks.spec(name).name == name
+    for name in ("sweep", "train_evaluator", "evaluate", "recaption_ablation"):
         assert tasks.spec(name).name == name
     with pytest.raises(ModuleNotFoundError):
         tasks.spec("no_such_step")
@@ -28,6 +30,7 @@ def test_the_run_handle_is_safe_for_paths_and_untracked_without_mlflow():
         "run_id": "manual__2026-01-01T00-00-00-00-00",
         "parent_run_id": None,
         "track": False,
+        "pipeline": "tessera_pipeline",
     }
 
 
@@ -86,3 +89,10 @@ def test_mapped_outputs_are_gathered_up_to_their_length():
             raise AssertionError("iterating asks for one item too many")
 
     assert tasks.gather(Lazy([{"index": 0}, {"index": 1}])) == [{"index": 0}, {"index": 1}]
+
+
+def test_a_missing_source_run_names_the_fix(tessera_home):
+    with pytest.raises(FileNotFoundError, match="run the tessera_pipeline DAG first"):
+        tasks.source_run(PARAMS)
+    with pytest.raises(FileNotFoundError, match="runs/nope/summary.json"):
+        tasks.source_run(PARAMS, "nope")
