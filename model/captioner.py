@@ -76,6 +76,9 @@ class CaptionerConfig(ModelConfig):
     encoder_layers: int = 2  # over all (frame, cell) tokens of a clip
     prompt_layers: int = 1  # over a prompt's tokens (the expand task)
     decoder_layers: int = 2
+    # the masked mean of the memory, projected, is added to every decoder position: a direct
+    # path from the clip to the first word, which cross-attention alone learns slowly
+    memory_summary: bool = True
     max_tokens: int = 128  # decoded positions: task token + caption + [SEP]
     tokenizer: str = "minilm"  # load_caption_tokenizer's name
     vocab: tuple[int, ...] = ()  # tokenizer ids the model reads and writes (empty: all of them)
@@ -368,6 +371,7 @@ class Captioner(nn.Module, Pretrained):
         self.prompt_norm = nn.LayerNorm(config.dim)
         self.token_embed = nn.Embedding(config.model_vocab, config.dim)  # tied to the output
         self.pos_embed = nn.Parameter(torch.zeros(config.max_tokens, config.dim))
+        self.summary = nn.Linear(config.dim, config.dim) if config.memory_summary else None
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.decoder_layers))
         self.norm_out = nn.LayerNorm(config.dim)
         self.initialize_weights()
@@ -445,6 +449,8 @@ class Captioner(nn.Module, Pretrained):
         if length > self.config.max_tokens:
             raise ValueError(f"{length} tokens exceed max_tokens={self.config.max_tokens}")
         x = self.token_embed(self.model_index(tokens)) + self.pos_embed[:length]  # (B, L, D)
+        if self.summary is not None:
+            x = x + self.summary(masked_mean(memory, memory_mask))[:, None]  # (B, L, D)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()[None]
         for block in self.blocks:
             x = block(x, causal, memory, memory_mask)  # (B, L, D)
@@ -452,6 +458,12 @@ class Captioner(nn.Module, Pretrained):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, M, D) tokens, (B, M) mask (True = a token) -> (B, D) mean of the real tokens."""
+    weights = mask.to(x.dtype)[..., None]  # (B, M, 1)
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
 
 
 def pad_tokens(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

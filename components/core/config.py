@@ -288,6 +288,7 @@ class TrainCaptionerConfig:
     max_tokens: int = 128  # caption tokens kept for teacher forcing (longer ones are cut)
     short_rate: float = 0.3  # share of samples trained on the short style (where a clip has one)
     expand_rate: float = 0.25  # share of samples trained on prompt expansion (short -> long text)
+    contrastive_weight: float = 1.0  # CoCa-style video-caption contrastive loss (0: captions only)
     video_share: float = 0.3  # videos repeated to make at least this share of samples
     cache_mb: int = 512  # decoded, resized training clips kept in memory per process
     eval_every: int = 100  # held-out teacher-forced loss during training
@@ -317,6 +318,10 @@ class TrainCaptionerConfig:
             )
         if self.num_beams < 1:
             raise ValueError(f"train_captioner.num_beams must be >= 1, got {self.num_beams}")
+        if self.contrastive_weight < 0:
+            raise ValueError(
+                f"train_captioner.contrastive_weight must be >= 0, got {self.contrastive_weight}"
+            )
 
 
 @dataclass(frozen=True)

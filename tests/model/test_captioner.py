@@ -167,6 +167,19 @@ class TestCaptioner(ModelTesterMixin):
             == model.model_index(torch.tensor([[self.tokenizer.unk_id]])).item()
         )
 
+    def test_every_position_sees_the_memory_summary(self):
+        # the pooled memory reaches the first decoded position even with cross-attention off
+        model = self.build().eval()
+        for block in model.blocks:
+            torch.nn.init.zeros_(block.cross_attn.out.weight)
+            torch.nn.init.zeros_(block.cross_attn.out.bias)
+        tokens = self.inputs()["tokens"][:1, :1]  # (1, 1): the task token alone
+        memory = torch.randn(2, 5, model.config.dim)
+        mask = torch.ones(2, 5, dtype=torch.bool)
+        with torch.no_grad():
+            logits = model(tokens.expand(2, 1), memory, mask)  # (2, 1, V)
+        assert not torch.allclose(logits[0], logits[1])
+
 
 def test_any_clip_size_and_length_encodes(vocab):
     model = build_captioner("captioner-tiny", vocab=vocab).eval()

@@ -4,11 +4,13 @@ loop over the three tasks, the held-out loss while it trains, and rank 0's saved
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from components.core import trainer as tr
@@ -22,12 +24,14 @@ from components.steps.train_captioner.data import (
 )
 from model.captioner import (
     CAPTIONER_SIZES,
+    IGNORE_INDEX,
     Captioner,
     CaptionerConfig,
     CaptionTokenizer,
     build_vocab,
     caption_loss,
     load_caption_tokenizer,
+    masked_mean,
     pad_tokens,
 )
 
@@ -55,11 +59,22 @@ def model_config(tc: TrainCaptionerConfig, tokenizer: CaptionTokenizer, texts: l
 
 class CaptionObjective(nn.Module):
     """What the DeepSpeed engine runs: video memories for the video samples, prompt memories for
-    the expand samples, one decoder pass over both, the teacher-forced loss."""
+    the expand samples, one decoder pass over both, the teacher-forced loss.
 
-    def __init__(self, config: CaptionerConfig):
+    While training, a CoCa-style contrastive loss (weight ``contrastive_weight``) is added: the
+    masked-mean video memory of each clip against the masked-mean of its caption through the
+    captioner's own prompt encoder, so the visual tokens are pushed to carry what the words
+    name. Its projections and temperature live here (training-only, not saved with the model);
+    identical captions in a batch count as positives of each other.
+    """
+
+    def __init__(self, config: CaptionerConfig, contrastive_weight: float = 1.0, embed: int = 64):
         super().__init__()
         self.captioner = Captioner(config)
+        self.contrastive_weight = contrastive_weight
+        self.video_proj = nn.Linear(config.dim, embed, bias=False)
+        self.text_proj = nn.Linear(config.dim, embed, bias=False)
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))  # 1 / temperature
 
     def forward(
         self,
@@ -71,14 +86,36 @@ class CaptionObjective(nn.Module):
     ) -> Tensor:
         model = self.captioner
         memories = []
+        contrastive = None
         if videos:
             memory, mask = model.encode_videos(videos)  # (Bv, M, D)
             memories += [(m[k]) for m, k in zip(memory, mask, strict=True)]
+            if self.training and self.contrastive_weight > 0 and len(videos) > 1:
+                contrastive = self.contrastive(memory, mask, targets[: len(videos)])
         if prompt_ids is not None:
             memory, mask = model.encode_prompts(prompt_ids, prompt_mask)  # (Bp, P, D)
             memories += [(m[k]) for m, k in zip(memory, mask, strict=True)]
         memory, mask = pad_tokens(memories)  # (B, M', D), (B, M')
-        return caption_loss(model, model(inputs, memory, mask), targets)
+        loss = caption_loss(model, model(inputs, memory, mask), targets)
+        if contrastive is not None:
+            loss = loss + self.contrastive_weight * contrastive
+        return loss
+
+    def contrastive(self, memory: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
+        """Symmetric InfoNCE between clips (memory (B, M, D), mask (B, M)) and their captions
+        (the teacher-forcing targets (B, L): caption ids then [SEP], padded with IGNORE_INDEX)."""
+        model = self.captioner
+        text_mask = targets != IGNORE_INDEX  # (B, L)
+        ids = torch.where(text_mask, targets, model.config.unk_id)  # (B, L)
+        text, _ = model.encode_prompts(ids, text_mask)  # (B, L, D)
+        v = F.normalize(self.video_proj(masked_mean(memory, mask)), dim=-1)  # (B, E)
+        t = F.normalize(self.text_proj(masked_mean(text, text_mask)), dim=-1)  # (B, E)
+        logits = self.log_scale.clamp(max=math.log(100.0)).exp() * v @ t.T  # (B, B)
+        same = (ids[:, None] == ids[None]).all(-1).float()  # (B, B) identical captions
+        soft = same / same.sum(1, keepdim=True)  # (B, B) rows sum to 1
+        loss_v = -(soft * logits.float().log_softmax(1)).sum(1).mean()
+        loss_t = -(soft * logits.float().log_softmax(0)).sum(0).mean()
+        return (loss_v + loss_t) / 2
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -137,7 +174,7 @@ def worker(payload: dict[str, Any]) -> None:
     picked = select(read_items(payload["manifest"]), tc)
     texts = [t for i in picked["train"] for t in (i.caption, i.short_caption) if t]
     torch.manual_seed(cfg.seed)
-    objective = CaptionObjective(model_config(tc, tokenizer, texts))
+    objective = CaptionObjective(model_config(tc, tokenizer, texts), tc.contrastive_weight)
     trainer = tr.Trainer(
         objective, train, Path(payload["checkpoint_dir"]), payload.get("mlflow_run_id")
     )
@@ -229,7 +266,10 @@ def worker(payload: dict[str, Any]) -> None:
         return  # stopped early on purpose (stop_at), or not the rank that writes outputs
     state = trainer.export_state_dict(use_ema=True)
     final = Captioner(trainer.model.captioner.config)
-    final.load_state_dict({k.removeprefix("captioner."): v for k, v in state.items()})
+    # the contrastive projections are training-only: the saved model is the captioner alone
+    final.load_state_dict(
+        {k.removeprefix("captioner."): v for k, v in state.items() if k.startswith("captioner.")}
+    )
     final.save_pretrained(out_dir / CAPTIONER_DIR)
     result = {
         "steps": trainer.state.step,

@@ -162,3 +162,27 @@ def test_resume_continues_steps_and_data(manifest, tmp_path):
     result = json.loads((tmp_path / worker.RESULT_NAME).read_text())
     assert result["steps"] == 6
     assert (tmp_path / worker.CAPTIONER_DIR / "model.safetensors").exists()
+
+
+def test_the_contrastive_loss_trains_only_and_pairs_clips_with_captions(manifest):
+    tc = load_config("tiny").train_captioner
+    tokenizer = worker.load_caption_tokenizer()
+    items = data.select(data.read_items(manifest), tc)["train"]
+    texts = [t for i in items for t in (i.caption, i.short_caption) if t]
+    torch.manual_seed(0)
+    objective = worker.CaptionObjective(worker.model_config(tc, tokenizer, texts))
+    dataset = data.CaptionDataset(items, tc, seed=0)
+    samples = [dataset.sample(k, k % len(items)) for k in range(6)]
+    samples = [s for s in samples if s["video"] is not None][:4]
+    batch = data.Collate(tokenizer, tc.max_tokens)(samples)
+    args = {k: batch[k] for k in ("videos", "prompt_ids", "prompt_mask", "inputs", "targets")}
+    objective.train()
+    trained = objective(**args)
+    trained.backward()
+    assert objective.video_proj.weight.grad.abs().sum() > 0  # the contrastive term is in
+    objective.eval()
+    with torch.no_grad():
+        memory, mask = objective.captioner.encode_videos(batch["videos"])
+        contrastive = objective.contrastive(memory, mask, batch["targets"])
+        assert torch.isclose(objective(**args), trained.detach() - contrastive, atol=1e-5)
+    assert contrastive.item() > 0
