@@ -433,8 +433,7 @@ def recaption_ablation(
     overrides: Overrides = None,
 ) -> None:
     """Run the recaption_ablation DAG: two DiTs at equal compute (short vs recaptioned
-    captions), each prompted with short prompts typed and expanded; prints the 2x2 table."""
-    from components.core import storage
+    captions), each prompted with short prompts typed and expanded; the 2x2 table."""
     from components.orchestration import airflow_local
 
     summary = airflow_local.dags_test(
@@ -443,9 +442,7 @@ def recaption_ablation(
         dag_id="recaption_ablation",
         params={"source_run": source_run, "budget": budget},
     )
-    table = summary["recaption_ablation"]["table"]
-    typer.echo(storage.read_text(table))
-    typer.echo(f"  table            {table}")
+    typer.echo(f"  table            {summary['recaption_ablation']['table']}")
 
 
 @app.command("demo")

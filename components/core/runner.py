@@ -247,10 +247,10 @@ def _log_result(
 
     if result.metrics:
         mlflow.log_metrics({k: float(v) for k, v in result.metrics.items()})
-    for part in parts or []:
+    for i, part in enumerate(parts or []):
         series = {f"part/{k}": v for k, v in (part.get("metrics") or {}).items()}
-        if series:
-            mlflow.log_metrics(series, step=int(part["index"]))
+        if series:  # by the part's index where it reports one (the plan's order otherwise)
+            mlflow.log_metrics(series, step=int(part.get("index", i)))
     for rel in result.artifacts:
         path = Path(workdir) / rel
         if path.is_dir():
