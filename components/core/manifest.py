@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -180,3 +181,16 @@ def read_clips(manifest: str) -> list[Clip]:
         )
         for r in read_table(manifest).to_pylist()
     ]
+
+
+def shard_clips(manifest: str, shard: dict[str, Any]) -> list[Clip]:
+    """The clips of a planned shard (``{"index", "clip_ids"}``), in the shard's order; ids the
+    manifest does not hold raise, naming the shard (it was planned from another manifest)."""
+    by_id = {c.clip_id: c for c in read_clips(manifest)}
+    missing = [i for i in shard["clip_ids"] if i not in by_id]
+    if missing:
+        raise ValueError(
+            f"shard {shard['index']}: {len(missing)} clip id(s) are not in {manifest} "
+            f"(e.g. {missing[0]}); re-plan the shards from this manifest"
+        )
+    return [by_id[i] for i in shard["clip_ids"]]

@@ -204,17 +204,6 @@ def _originals(manifest: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def _shard_clips(manifest: str, shard: dict[str, Any]) -> list[Clip]:
-    by_id = {c.clip_id: c for c in read_clips(manifest)}
-    missing = [i for i in shard["clip_ids"] if i not in by_id]
-    if missing:
-        raise ValueError(
-            f"shard {shard['index']}: {len(missing)} clip id(s) are not in {manifest} "
-            f"(e.g. {missing[0]}); re-plan the shards from this manifest"
-        )
-    return [by_id[i] for i in shard["clip_ids"]]
-
-
 # --------------------------------------------------------------------------- captioning
 
 
@@ -282,7 +271,7 @@ def caption_shard(
     """
     workdir = Path(workdir)
     started = time.perf_counter()
-    clips = _shard_clips(manifest, shard)
+    clips = mf.shard_clips(manifest, shard)
     if cfg.caption.pretrained:
         model, tokenizer, version = load_pretrained(cfg, artifacts.default_device())
     else:

@@ -253,17 +253,6 @@ def _summary(rows: list[dict[str, Any]], seconds: float) -> tuple[dict[str, Any]
     return values, metrics
 
 
-def _shard_clips(manifest: str, shard: dict[str, Any]) -> list[Clip]:
-    by_id = {c.clip_id: c for c in read_clips(manifest)}
-    missing = [i for i in shard["clip_ids"] if i not in by_id]
-    if missing:
-        raise ValueError(
-            f"shard {shard['index']}: {len(missing)} clip id(s) are not in {manifest} "
-            f"(e.g. {missing[0]}); re-plan the shards from this manifest"
-        )
-    return [by_id[i] for i in shard["clip_ids"]]
-
-
 # --------------------------------------------------------------------------- the step
 
 
@@ -290,7 +279,7 @@ def encode_shard(
     """
     workdir = Path(workdir)
     started = time.perf_counter()
-    clips = _shard_clips(manifest, shard)
+    clips = mf.shard_clips(manifest, shard)
     name = latents.shard_name(int(shard["index"]))
     encoder = ClipEncoder.load(cfg, vae)
     rows = encoder.encode_clips(
