@@ -244,7 +244,8 @@ def test_the_failed_sweep_point_was_retried_alone_and_resumed(pipeline_run):
     tries = dict(
         db.execute(
             "select map_index, try_number from task_instance where task_id = 'sweep_point' "
-            "and run_id = (select run_id from dag_run order by id desc limit 1)"
+            "and dag_id = 'tessera_pipeline' and run_id = (select run_id from dag_run "
+            "where dag_id = 'tessera_pipeline' order by id desc limit 1)"
         ).fetchall()
     )
     db.close()
