@@ -12,6 +12,7 @@ per requested ``n``, built from the last user turn and the seed). Every request 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -133,7 +134,8 @@ class ChatServer:
                     answer = server._next(body)
                 if answer.delay_s and server._stopping.wait(answer.delay_s):
                     return
-                try:
+                # a client that timed out has left: writing to it breaks the pipe
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.send_response(answer.status)
                     names = {k.lower() for k, _ in answer.headers}
                     for key, value in answer.headers:
@@ -143,10 +145,8 @@ class ChatServer:
                     self.send_header("Content-Length", str(len(answer.body)))
                     self.end_headers()
                     self.wfile.write(answer.body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and left
 
             def log_message(self, *args: object) -> None:
-                pass
+                """Quiet: http.server would print every request to stderr."""
 
         return Handler
