@@ -68,7 +68,11 @@ class PretrainedCaptioner:
             raise FileNotFoundError(f"no transformers captioner in {path}: expected {EXPECTED}")
         try:
             model = _model_class(path).from_pretrained(path, local_files_only=True)
-            processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+            # The PIL backend: torchvision is not part of this environment (excludes.txt), and
+            # transformers picks its torchvision backend whenever an import of it resolves.
+            processor = AutoImageProcessor.from_pretrained(
+                path, local_files_only=True, backend="pil"
+            )
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # safetensors', torch's and transformers' errors share no base
             raise ValueError(

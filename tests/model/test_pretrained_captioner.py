@@ -61,7 +61,31 @@ def save_tiny_vision_captioner(path, seed: int = 0):
     return path
 
 
-def test_a_saved_transformers_captioner_captions_clips_in_both_styles(tmp_path):
+@pytest.fixture
+def torchvision_placeholder():
+    """Make ``torchvision`` resolve to the failing placeholder, as it does in a worker that ran
+    the cross-check tests first: transformers then believes torchvision is there, and the loader
+    must still keep to the PIL backend."""
+    import sys
+
+    from transformers.utils import import_utils
+
+    from tests.testing_utils import no_torchvision
+
+    before = list(sys.meta_path)
+    no_torchvision.install()
+    checks = (import_utils.is_torchvision_available, import_utils.is_torchvision_v2_available)
+    for check in checks:
+        check.cache_clear()
+    yield
+    sys.meta_path[:] = before
+    for check in checks:
+        check.cache_clear()
+
+
+def test_a_saved_transformers_captioner_captions_clips_in_both_styles(
+    tmp_path, torchvision_placeholder
+):
     path = save_tiny_vision_captioner(tmp_path / "vlm")
     assert is_pretrained_dir(path) and not is_pretrained_dir(tmp_path)
     captioner = PretrainedCaptioner.from_dir(path)
