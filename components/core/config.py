@@ -592,6 +592,110 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    """The ``register`` step: MLflow registered model names (DESIGN §6)."""
+
+    model_name: str = "tessera-t2v"  # the text-to-video pyfunc (the generator)
+    vae_name: str = "tessera-vae"
+    evaluator_name: str = "tessera-evaluator"  # the in-domain video-text model of *_domain metrics
+    alias: str = "challenger"  # the alias every new version gets
+
+    def __post_init__(self) -> None:
+        names = (self.model_name, self.vae_name, self.evaluator_name)
+        if not all(names) or len(set(names)) != 3:
+            raise ValueError(f"register needs three distinct model names, got {names}")
+        if not self.alias or self.alias == "champion":
+            raise ValueError(
+                "register.alias must be set and must not be 'champion' (promote sets it)"
+            )
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """One rule of the promotion gate (``promote.gates``)."""
+
+    metric: str  # a metric of evaluation.json's "metrics", e.g. fvd_domain, colour_accuracy
+    higher_is_better: bool = False
+    absolute: float | None = None  # the challenger alone must be at least this good
+    max_regression: float | None = None  # vs the champion: worse by at most this (metric units)
+    min_improvement: float | None = None  # vs the champion: better by at least this
+    paired: bool = False  # the improvement's paired-bootstrap interval must exclude 0
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            raise ValueError("a promote gate needs a metric")
+        rules = (self.absolute, self.max_regression, self.min_improvement)
+        if all(r is None for r in rules) and not self.paired:
+            raise ValueError(
+                f"promote gate {self.metric!r} has no rule: set absolute, max_regression, "
+                "min_improvement or paired"
+            )
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """The ``promote`` step: move the ``champion`` alias to a challenger that passes the gate."""
+
+    model_name: str = "tessera-t2v"
+    # default: a challenger may not be worse than the champion on FVD or CLIP score (same
+    # extractor, same sample counts, or the comparison is refused)
+    gates: tuple[GateConfig, ...] = (
+        GateConfig("fvd_domain", max_regression=0.0),
+        GateConfig("clip_score_domain", higher_is_better=True, max_regression=0.0),
+    )
+    manual_approval: bool = False  # a passing gate only marks the version; `--approve` promotes
+    resamples: int = 1000  # of paired bootstraps
+    confidence: float = 0.95
+    lock_timeout_s: float = 60.0  # concurrent promotions of one model wait this long for the lock
+
+    def __post_init__(self) -> None:
+        if not 0 < self.confidence < 1 or self.resamples < 1:
+            raise ValueError(
+                f"promote needs 0 < confidence < 1 and resamples >= 1, got {self.confidence}, "
+                f"{self.resamples}"
+            )
+        metrics = [g.metric for g in self.gates]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"promote.gates names a metric twice: {metrics}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """``tessera serve``: the scoring server and the limits every request is checked against."""
+
+    host: str = "127.0.0.1"  # loopback; another bind needs --host (see infra/serving.md)
+    port: int = 5001
+    workers: int = 1  # server processes, each with the model loaded
+    max_concurrency: int = 4  # requests in flight per worker; beyond, 503 at once (retryable)
+    request_timeout_s: int = 300  # a request still running after this gets 504
+    max_request_bytes: int = 64 * 1024  # bigger bodies get 413 before they are parsed
+    max_batch: int = 4  # prompts per request
+    max_prompt_chars: int = 2000
+    max_frames: int = 33
+    max_pixels: int = 256 * 256  # height x width
+    max_voxels: int = 33 * 128 * 128  # frames x height x width
+    max_steps: int = 100
+    max_guidance: float = 20.0
+    default_frames: int = 17
+    default_steps: int = 30
+    default_guidance: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "workers", "max_concurrency", "request_timeout_s", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.default_frames <= self.max_frames:
+            raise ValueError(
+                f"serve.default_frames={self.default_frames} must be in 1..max_frames="
+                f"{self.max_frames}"
+            )
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise ValueError(
+                f"serve.default_steps={self.default_steps} must be in 1..max_steps={self.max_steps}"
+            )
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     experiment_prefix: str = "tessera"
 
@@ -625,6 +729,9 @@ class TesseraConfig:
     train_evaluator: TrainEvaluatorConfig = field(default_factory=TrainEvaluatorConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -655,6 +762,9 @@ class Environment:
     node_modules: Path | None = None  # TESSERA_NODE_MODULES: the Data Docs' npm assets elsewhere
     faults: str = ""  # TESSERA_FAULTS: failures on purpose (components.core.faults)
     expand_api_key: str | None = field(default=None, repr=False)  # TESSERA_EXPAND_API_KEY
+    # set by `tessera serve` for its server processes: the local model dir and its model config
+    serving_model: str | None = None  # TESSERA_SERVING_MODEL
+    serving_config: str | None = None  # TESSERA_SERVING_CONFIG (JSON)
 
     @classmethod
     def read(cls) -> Environment:
@@ -673,6 +783,8 @@ class Environment:
             else None,
             faults=os.environ.get("TESSERA_FAULTS", ""),
             expand_api_key=os.environ.get("TESSERA_EXPAND_API_KEY") or None,
+            serving_model=os.environ.get("TESSERA_SERVING_MODEL") or None,
+            serving_config=os.environ.get("TESSERA_SERVING_CONFIG") or None,
         )
 
 

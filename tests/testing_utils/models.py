@@ -109,6 +109,19 @@ def save_tiny_model(root) -> None:
     FlowConfig().to_json(root / "dit" / FLOW_CONFIG_NAME)
 
 
+MINILM_DIM = 384  # the bundled text encoder's width (model.text "minilm")
+
+
+def save_servable_model(root, seed: int = 0) -> None:
+    """:func:`save_tiny_model` with a DiT over the real bundled text encoder (MiniLM, 384-dim),
+    so a separate process (a scoring server) can load it with no stand-in: vae/ + dit/."""
+    from model.generate import FLOW_CONFIG_NAME
+
+    tiny_vae(seed).save_pretrained(root / "vae")
+    tiny_dit(seed, text_dim=MINILM_DIM).save_pretrained(root / "dit")
+    FlowConfig().to_json(root / "dit" / FLOW_CONFIG_NAME)
+
+
 # --------------------------------------------------------------------------- videos
 
 
