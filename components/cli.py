@@ -49,6 +49,14 @@ ModelDir = Annotated[
         "--model", help="Model directory (vae/ + dit/): the sweep's or train_dit's output."
     ),
 ]
+GeneratorModel = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        help="Model directory (vae/ + dit/: the sweep's or train_dit's output), or a registered "
+        "model: models:/tessera-t2v@champion, models:/tessera-t2v/3.",
+    ),
+]
 _RUN_OPTIONS = [
     inspect.Parameter(
         "profile", inspect.Parameter.KEYWORD_ONLY, default="demo", annotation=Profile
@@ -296,7 +304,7 @@ def train_evaluator(
 
 @step_command("generate")
 def generate(
-    model: ModelDir,
+    model: GeneratorModel,
     prompt: Annotated[list[str], typer.Option("--prompt", help="Text prompt (repeatable).")],
     aspect: Annotated[
         list[str] | None,
@@ -495,8 +503,21 @@ def _print_summary(summary: dict) -> None:
     if summary.get("evaluate"):
         lines["evaluation"] = _metrics_line(summary["evaluate"])
         lines["report"] = summary["evaluate"]["report"]
+    if registered := summary.get("register"):
+        lines["registered"] = f"{registered['model_uri']} (alias {registered['alias']})"
+    if promoted := summary.get("promote"):
+        lines["promotion"] = f"{promoted['decision']}: {promoted['reason']}"
+        if promoted.get("champion_uri"):
+            lines["champion"] = f"{promoted['champion_uri']} (version {promoted['champion']})"
     for key, value in lines.items():
         typer.echo(f"  {key:<16} {value}")
+    if promoted and promoted.get("champion_uri"):
+        from components.core import serving
+
+        cfg = _config(summary.get("profile", "demo"), [])
+        url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+        typer.echo("  serve it         tessera serve   (then, in another shell:)")
+        typer.echo(f"  {serving.curl_example(url)}")
 
 
 def _captioner_line(trained: dict | None) -> str:
@@ -556,6 +577,105 @@ def _metrics_line(evaluated: dict) -> str:
     return ", ".join(f"{k} {evaluated[k]:.4g}" for k in shown[:6]) or "(no metrics)"
 
 
+# --------------------------------------------------------------------------- registry, serving
+
+
+@app.command("register")
+def register(
+    run_id: Annotated[
+        str, typer.Option(help="The pipeline run to register; default: the latest one.")
+    ] = "",
+    model: Annotated[
+        str, typer.Option(help="Model dir (vae/ + dit/); default: the run's sweep model.")
+    ] = "",
+    evaluation: Annotated[
+        str, typer.Option(help="evaluation.json; default: the run's evaluate result.")
+    ] = "",
+    evaluator: Annotated[str, typer.Option(help="Default: the run's train_evaluator.")] = "",
+    captioner: Annotated[
+        str, typer.Option(help="Prompt expander; default: the run's train_captioner.")
+    ] = "",
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+) -> None:
+    """Register a pipeline run's models in MLflow (tessera-t2v pyfunc with lineage, tessera-vae,
+    tessera-evaluator) and give them the challenger alias; a run registered before returns its
+    existing version."""
+    from components.core import runner
+    from components.orchestration.tasks import PIPELINE, source_run, spec
+
+    cfg = _config(profile, overrides)
+    outputs = source_run({"profile": profile, "overrides": overrides or []}, run_id)
+    run_id = outputs["run_id"]
+    found = {
+        "model": model or outputs.get("sweep", {}).get("model", ""),
+        "evaluation": evaluation or outputs.get("evaluate", {}).get("result", ""),
+        "evaluator": evaluator or outputs.get("train_evaluator", {}).get("evaluator", ""),
+        "captioner": captioner or outputs.get("train_captioner", {}).get("captioner", ""),
+        "pairs": "" if captioner else outputs.get("train_captioner", {}).get("pairs", ""),
+    }
+    missing = [k for k in ("model", "evaluation") if not found[k]]
+    if missing:
+        raise typer.BadParameter(f"run {run_id} has no {missing}; pass --{' --'.join(missing)}")
+    ctx = runner.RunContext(run_id, PIPELINE, outputs.get("mlflow_parent_run_id"), True)
+    out = runner.run_in_process(spec("register"), cfg, ctx, **found)
+    typer.echo(json.dumps(out, indent=2, sort_keys=True, default=str))
+
+
+@app.command("promote")
+def promote(
+    version: Annotated[str, typer.Option(help="Model version; default: the challenger.")] = "",
+    approve: Annotated[
+        bool, typer.Option(help="Approve a version that passed (promote.manual_approval).")
+    ] = False,
+    rollback: Annotated[
+        bool, typer.Option(help="Give champion back to the previous champion.")
+    ] = False,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+) -> None:
+    """Gate a registered version against the champion (promote.gates) and move the champion
+    alias when it passes; exits 1 when the gate refuses."""
+    from components.core import runner
+    from components.orchestration.tasks import spec
+
+    cfg = _config(profile, overrides)
+    ctx = runner.RunContext.new("tessera_promote")
+    out = runner.run_in_process(
+        spec("promote"), cfg, ctx, version=version, approve=approve, rollback=rollback
+    )
+    typer.echo(json.dumps(out, indent=2, sort_keys=True, default=str))
+    if out["decision"] == "refused":
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+def serve(
+    model: Annotated[str, typer.Option(help="Registered model URI.")] = (
+        "models:/tessera-t2v@champion"
+    ),
+    port: Annotated[int | None, typer.Option(help="Default serve.port (5001).")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Bind address; default serve.host (loopback).")
+    ] = None,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            help="Allow a non-loopback --host: only behind a proxy with TLS and auth "
+            "(infra/serving.md)."
+        ),
+    ] = False,
+    profile: Profile = "demo",
+    overrides: Overrides = None,
+) -> None:
+    """Serve a registered text-to-video model over HTTP (MLflow's scoring server: POST
+    /invocations with a prompt and params; the video comes back as base64 MP4)."""
+    from components.core import serving
+
+    code = serving.serve(_config(profile, overrides), model, host, port, allow_remote=allow_remote)
+    raise typer.Exit(code)
+
+
 # --------------------------------------------------------------------------- servers, bench
 
 
@@ -610,12 +730,20 @@ def bench(
 def main() -> None:
     """Console entry point: known errors become one clear line and exit code 2."""
     from components.core.config import ConfigError
+    from components.core.registry import RegistryError
     from components.core.storage import StorageError
     from components.core.tracking import TrackingError
     from components.orchestration.airflow_local import DagRunFailed
 
     try:
         app()
-    except (ConfigError, StorageError, TrackingError, DagRunFailed, FileNotFoundError) as exc:
+    except (
+        ConfigError,
+        StorageError,
+        TrackingError,
+        RegistryError,
+        DagRunFailed,
+        FileNotFoundError,
+    ) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise SystemExit(2) from None

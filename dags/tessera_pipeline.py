@@ -32,6 +32,11 @@ selects the best run. `generate` renders sample videos at 16:9, 9:16, 1:1 and a 
 `fvd_domain` / `clip_score_domain`, validated on held-out clips), and `evaluate` samples the
 held-out captions and a fixed prompt set with fixed seeds and computes FVD, CLIP score, VAE
 reconstruction and, on the demo corpus, colour following and framing, writing `report.html`.
+`register` logs the generator as the MLflow pyfunc `tessera-t2v` (from code, with its lineage;
+`tessera-vae` and `tessera-evaluator` beside it) and gives it the `challenger` alias; `promote`
+moves `champion` to it when the gate (`promote.gates`) passes against the current champion
+(pool `tessera_registry`; a refused promotion is recorded, not a failure). Serve the champion
+with `tessera serve`; promote or roll back by hand with the `tessera_promote` DAG.
 `finish` always runs: it ends the parent run FINISHED or FAILED and writes the run's summary.
 
 Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a finished step is
@@ -48,6 +53,7 @@ PARAMS = {
 }
 DVC_POOL = "tessera_dvc"  # one slot: DVC and git cannot run concurrently in one workspace
 ACCELERATOR_POOL = "accelerator"  # training runs: as many slots as runs the machines hold
+REGISTRY_POOL = "tessera_registry"  # one slot: registrations and promotions of one registry
 
 
 @dag(
@@ -230,6 +236,33 @@ def tessera_pipeline():
             **demo,
         )
 
+    @task(pool=REGISTRY_POOL, execution_timeout=timedelta(hours=1))
+    def register(
+        run: dict, dit: dict, evaluator: dict, evaluated: dict, captioner: dict, params=None
+    ) -> dict:
+        from components.orchestration import tasks
+
+        if not params["track"]:
+            tasks.skip("params.track is false: the registry lives in MLflow, nothing to register")
+        return tasks.run_task(
+            "register",
+            dict(params),
+            run,
+            model=dit["model"],
+            evaluation=evaluated["result"],
+            evaluator=evaluator["evaluator"],
+            captioner=captioner["captioner"],
+            pairs=captioner.get("pairs") or "",
+        )
+
+    @task(pool=REGISTRY_POOL, execution_timeout=timedelta(minutes=30))
+    def promote(run: dict, registered: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task(
+            "promote", dict(params), run, version=str(registered["model_version"])
+        )
+
     @teardown
     @task(retries=0, execution_timeout=timedelta(minutes=10))
     def finish(run: dict, params=None, ti=None) -> dict:
@@ -263,7 +296,8 @@ def tessera_pipeline():
     evaluated = evaluate(run, dataset, dit, evaluator)
     steps = [demo, ingested, validated, dataset, captioner, captions, vae, latents, dit]
     steps.append(generate(run, dit))
-    steps += [evaluator, evaluated]
+    registered = register(run, dit, evaluator, evaluated, captioner)
+    steps += [evaluator, evaluated, registered, promote(run, registered)]
     steps >> finish(run)
 
 

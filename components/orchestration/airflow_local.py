@@ -28,6 +28,7 @@ POOLS = {
     # one training run at a time on this machine (each uses every core); a GPU cluster sets the
     # slots to the runs its nodes hold (infra/values-airflow.yaml)
     "accelerator": (1, "training runs (sweep points): one per free accelerator"),
+    "tessera_registry": (1, "MLflow registrations and promotions: one at a time per registry"),
 }
 
 

@@ -54,7 +54,9 @@ def run(
     """Sample every prompt at every aspect; see the module docstring for the outputs.
 
     Args:
-        model: URI of a directory holding ``vae/`` and ``dit/``.
+        model: URI of a directory holding ``vae/`` and ``dit/``, or a registered model
+            (``models:/tessera-t2v@champion``, ``models:/tessera-t2v/3``): then the registered
+            pyfunc generates, exactly as ``tessera serve`` does.
         prompts: texts; prompt ``i`` uses seed ``cfg.generate.seed + i`` at every aspect.
         aspects: names of ``model.generate.ASPECTS`` or ``"W:H"``; ``"image"`` gives one frame.
         frames: wanted frames, rounded up to the next ``1 + 4k`` (VAE temporal factor);
@@ -78,7 +80,10 @@ def run(
     if len(set(aspects)) != len(aspects):
         raise ValueError(f"aspects repeat: {aspects}; each (prompt, aspect) names one file")
 
-    expansions = _expansions(cfg, prompts) if (gcfg.expand if expand is None else expand) else {}
+    expand = gcfg.expand if expand is None else expand
+    if model.startswith("models:/"):
+        return _run_registered(cfg, workdir, model, prompts, aspects, frames, expand)
+    expansions = _expansions(cfg, prompts) if expand else {}
     with artifacts.model_dir(model) as directory:
         generator = artifacts.load_generator(cfg, directory)
     entries, requests = [], []
@@ -120,6 +125,83 @@ def run(
     return StepResult(
         files={"samples": SAMPLES_DIR, "samples_json": SAMPLES_JSON},
         values={"num_samples": len(entries)},
+        metrics={"generate_seconds": seconds, "seconds_per_sample": seconds / len(entries)},
+        artifacts=[SAMPLES_DIR, SAMPLES_JSON],
+    )
+
+
+def _run_registered(
+    cfg: TesseraConfig,
+    workdir: Path,
+    uri: str,
+    prompts: Sequence[str],
+    aspects: Sequence[str],
+    frames: int,
+    expand: bool,
+) -> StepResult:
+    """:func:`run` with a registered model (``models:/tessera-t2v@champion``): the same pyfunc
+    the scoring server runs, loaded here (same seed -> the same frames as the served model)."""
+    import base64
+    import time
+
+    import mlflow
+    import pandas as pd
+
+    from components.core import registry, tracking
+
+    gcfg = cfg.generate
+    tracking.setup()
+    version = registry.resolve(uri)
+    limits = {
+        "model_name": version.name,
+        "model_version": version.version,
+        "max_frames": gcfg.max_frames,
+        "max_pixels": gcfg.max_pixels,
+        "max_voxels": gcfg.max_frames * gcfg.max_pixels,
+    }
+    pyfunc = mlflow.pyfunc.load_model(
+        f"models:/{version.name}/{version.version}", model_config=limits
+    )
+    started = time.perf_counter()
+    entries = []
+    for i, prompt in enumerate(prompts):
+        for aspect in aspects:
+            still = aspect == "image"
+            params = {
+                "frames": 1 if still else frames,
+                "aspect": "1:1" if still else aspect,
+                "steps": gcfg.steps,
+                "guidance": gcfg.guidance,
+                "seed": gcfg.seed + i,
+                "expand_prompt": expand,
+                "format": "png" if still else "mp4",
+            }
+            (found,) = pyfunc.predict(pd.DataFrame({"prompt": [prompt]}), params=params)
+            name = f"{i}_{aspect_slug(aspect)}.{found['format']}"
+            path = workdir / SAMPLES_DIR / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(base64.b64decode(found["video"]))
+            entries.append(
+                {
+                    "index": i,
+                    "prompt": prompt,
+                    "aspect": aspect,
+                    "size": [found["frames"], found["height"], found["width"]],
+                    "seed": found["seed"],
+                    "steps": gcfg.steps,
+                    "guidance": gcfg.guidance,
+                    "sampler": gcfg.sampler,
+                    "model": f"models:/{version.name}/{version.version}",
+                    "path": path.relative_to(workdir).as_posix(),
+                    **({"expanded": found["expanded_prompt"]} if found["expanded_prompt"] else {}),
+                }
+            )
+    seconds = time.perf_counter() - started
+    (workdir / SAMPLES_JSON).write_text(json.dumps(entries, indent=2) + "\n")
+    log.info("generated %d clips with %s in %.1f s", len(entries), uri, seconds)
+    return StepResult(
+        files={"samples": SAMPLES_DIR, "samples_json": SAMPLES_JSON},
+        values={"num_samples": len(entries), "model_version": version.version},
         metrics={"generate_seconds": seconds, "seconds_per_sample": seconds / len(entries)},
         artifacts=[SAMPLES_DIR, SAMPLES_JSON],
     )

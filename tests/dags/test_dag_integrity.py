@@ -41,6 +41,7 @@ print(json.dumps({
 """
 STEPS = ["demo_data", "ingest", "validate", "version", "train_captioner", "caption"]
 STEPS += ["train_vae", "encode", "sweep", "generate", "train_evaluator", "evaluate"]
+STEPS += ["register", "promote"]
 
 
 def _read_back(home, dag_id: str) -> dict:
@@ -91,6 +92,18 @@ def test_the_ablation_dag_reads_back_as_written(ablation):
     assert ablation["heavy"] == []
 
 
+@pytest.fixture(scope="module")
+def promote_dag(tmp_path_factory):
+    return _read_back(tmp_path_factory.mktemp("airflow"), "tessera_promote")
+
+
+def test_the_promote_dag_is_manual_with_params(promote_dag):
+    assert promote_dag["errors"] == {} and promote_dag["tasks"] == ["promote"]
+    assert promote_dag["pools"]["promote"] == "tessera_registry"
+    assert {"version", "approve", "rollback"} <= set(promote_dag["params"])
+    assert "`promote`" in promote_dag["doc_md"] and promote_dag["heavy"] == []
+
+
 def test_no_import_errors(dagbag):
     assert dagbag["errors"] == {}
     assert "tessera_pipeline" in dagbag["dags"]
@@ -121,6 +134,8 @@ def test_pipeline_shape(dagbag):
     assert dagbag["mapped"] == ["caption_shard", "encode_shard", "sweep_point"]
     # every task reports to finish, directly or through its descendants
     assert {t for t, d in edges if d == "finish"} >= {"evaluate", "generate", "demo_data"}
+    assert {("evaluate", "register"), ("train_captioner", "register")} <= edges
+    assert {("register", "promote"), ("promote", "finish")} <= edges
 
 
 def test_finish_always_runs_and_closes_the_run(dagbag):
@@ -141,7 +156,10 @@ def test_dvc_and_training_runs_have_their_pools(dagbag):
     training = ("train_captioner", "sweep_point")
     assert {dagbag["pools"][t] for t in training} == {"accelerator"}
     assert POOLS["accelerator"][0] == 1
-    others = {p for t, p in dagbag["pools"].items() if t not in ("version", *training)}
+    registry = ("register", "promote")
+    assert {dagbag["pools"][t] for t in registry} == {"tessera_registry"}
+    assert POOLS["tessera_registry"][0] == 1
+    others = {p for t, p in dagbag["pools"].items() if t not in ("version", *training, *registry)}
     assert others == {"default_pool"}
     assert dagbag["max_active_runs"] > 1  # runs overlap; only DVC is serialised
 

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
 STEPS = {"demo_data", "ingest", "validate", "version", "train_captioner", "caption"}
 STEPS |= {"train_vae", "encode", "sweep"}
-STEPS |= {"generate", "train_evaluator", "evaluate"}
+STEPS |= {"generate", "train_evaluator", "evaluate", "register", "promote"}
 
 
 def tessera_run(home: Path, mlflow_url: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -139,6 +139,47 @@ def test_dag_evaluates_the_model(pipeline_run):
     assert "fvd_domain" in result["metrics"] and "clip_score_domain" in result["metrics"]
     assert result["extractors"]["domain"] and storage.exists(evaluated["report"])
     assert summary["train_evaluator"]["evaluator"]
+
+
+def test_the_run_ends_with_a_registered_champion_a_user_can_generate_from(
+    pipeline_run, mlflow_server, tmp_path
+):
+    import mlflow
+
+    home, summary, output = pipeline_run
+    registered, promoted = summary["register"], summary["promote"]
+    assert registered["created"] is True and registered["model_name"] == "tessera-t2v"
+    assert promoted["decision"] == "promoted"  # the first model: no champion to beat
+    assert promoted["champion"] == str(registered["model_version"])
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    champion = client.get_model_version_by_alias("tessera-t2v", "champion")
+    assert champion.tags["tessera.run_id"] == summary["run_id"]
+    assert champion.tags["tessera.dataset_rev"] == summary["version"]["dataset_rev"]
+    assert champion.tags["tessera.captioner_version"] == summary["caption"]["captioner_version"]
+    assert client.get_run(champion.tags["tessera.dit_run"]).data.tags["tessera.part"]
+    assert f"models:/tessera-t2v@champion (version {champion.version})" in output
+    assert "curl -s http://127.0.0.1:5001/invocations" in output
+    environment = {
+        **os.environ,
+        "TESSERA_HOME": str(home),
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+    }
+    environment["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    proc = subprocess.run(
+        [TESSERA, "generate", "--model", "models:/tessera-t2v@champion", "--prompt", "red ball"]
+        + ["--aspect", "16:9", "--aspect", "image", "--frames", "5", "-p", "tiny"]
+        + ["--set", "generate.steps=2", "--no-track"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{") :])
+    entries = json.loads(storage.read_text(out["samples_json"]))
+    assert [e["aspect"] for e in entries] == ["16:9", "image"]
+    assert entries[0]["size"][0] == 5 and entries[1]["size"][0] == 1
+    assert entries[0]["path"].endswith(".mp4") and entries[1]["path"].endswith(".png")
 
 
 def test_the_corpus_is_recaptioned_and_training_reads_those_captions(pipeline_run):
