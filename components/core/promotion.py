@@ -36,7 +36,6 @@ import numpy as np
 
 from components.core.config import GateConfig
 
-RULES = ("absolute", "max_regression", "min_improvement", "paired")
 COLOUR_METRIC = "colour_accuracy"
 COLOUR_COUNT = "colour_trials"  # the sample count of colour_accuracy
 _EXTRACTOR_METRIC = re.compile(r"^(?:r?fvd|clip_score)_(?P<name>.+)$")
