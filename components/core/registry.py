@@ -236,9 +236,14 @@ def model_config(cfg: TesseraConfig, name: str, run_id: str) -> dict[str, Any]:
             "max_voxels",
             "max_steps",
             "max_guidance",
+            "default_frames",
+            "default_steps",
+            "default_guidance",
         )
     }
-    return {**limits, "model_name": name, "tessera_run_id": run_id}
+    # every key a loader may override must be logged (MLflow drops unknown ones): the version is
+    # only known after registration, so it is logged empty and filled in at load time
+    return {**limits, "model_name": name, "model_version": "", "tessera_run_id": run_id}
 
 
 def log_t2v_model(
@@ -251,12 +256,6 @@ def log_t2v_model(
     from components.core import t2v_model
 
     artifacts = stage_t2v_artifacts(cfg, model_dir, staging, expander)
-    s = cfg.serve
-    defaults = {
-        "frames": s.default_frames,
-        "steps": s.default_steps,
-        "guidance": s.default_guidance,
-    }
     example = (
         pd.DataFrame({"prompt": ["a red ball bouncing on a blue background"]}),
         {"frames": 1, "aspect": "1:1", "steps": 2, "format": "png"},
@@ -265,7 +264,7 @@ def log_t2v_model(
         name=cfg.register.model_name,
         python_model=t2v_model.__file__,
         artifacts=artifacts,
-        signature=t2v_model.signature(defaults),
+        signature=t2v_model.signature(),
         input_example=example,
         pip_requirements=pinned_requirements(),
         model_config=model_config(cfg, cfg.register.model_name, run_id),

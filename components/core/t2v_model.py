@@ -15,6 +15,7 @@ launcher fills in once it has resolved ``models:/name@alias``.
 Request: a DataFrame with a ``prompt`` column (one clip per row, at most ``max_batch`` rows) and
 params ``frames``, ``height``/``width`` (0: from ``aspect``), ``aspect``, ``steps``, ``guidance``,
 ``seed`` (row ``i`` uses ``seed + i``), ``expand_prompt``, ``negative_prompt``, ``format``
+(frames, steps and guidance 0 or absent: the model config's ``default_*``)
 (``mp4`` | ``gif`` | ``png``, png for one frame). Response: one dict per row with the video as a
 plain base64 string and its metadata. A bad request raises an ``MlflowException`` with
 ``INVALID_PARAMETER_VALUE`` (HTTP 400 from the scoring server) naming the field and its limit.
@@ -38,14 +39,15 @@ from mlflow.pyfunc import PythonModel
 
 FORMATS = {"mp4": "video/mp4", "gif": "image/gif", "png": "image/png"}
 FPS = 12
-# name -> (MLflow type, default); the defaults of frames/steps/guidance come from the limits
+# name -> (MLflow type, default); frames/steps/guidance 0 = the model config's default_* (the
+# server's serve.default_*: a signature default is fixed at registration, the config is not)
 PARAMS = {
-    "frames": ("long", 17),
+    "frames": ("long", 0),
     "height": ("long", 0),
     "width": ("long", 0),
     "aspect": ("string", "16:9"),
-    "steps": ("long", 30),
-    "guidance": ("double", 4.0),
+    "steps": ("long", 0),
+    "guidance": ("double", 0.0),
     "seed": ("long", 0),
     "expand_prompt": ("boolean", False),
     "negative_prompt": ("string", ""),
@@ -68,6 +70,20 @@ class Limits:
     max_voxels: int = 33 * 128 * 128
     max_steps: int = 100
     max_guidance: float = 20.0
+    default_frames: int = 17
+    default_steps: int = 30
+    default_guidance: float = 4.0
+
+    def __post_init__(self) -> None:
+        for name, top in (("frames", self.max_frames), ("steps", self.max_steps)):
+            default = getattr(self, f"default_{name}")
+            if not 1 <= default <= top:
+                raise ValueError(f"default_{name}={default} must be in 1..max_{name}={top}")
+        if not 1.0 <= self.default_guidance <= self.max_guidance:
+            raise ValueError(
+                f"default_guidance={self.default_guidance} must be in 1..max_guidance="
+                f"{self.max_guidance}"
+            )
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> Limits:
@@ -77,24 +93,19 @@ class Limits:
         )
 
 
-def params_schema(defaults: dict[str, Any] | None = None) -> Any:
-    """The signature's params: :data:`PARAMS` with ``defaults`` overriding their defaults."""
+def params_schema() -> Any:
+    """The signature's params: :data:`PARAMS`."""
     from mlflow.types import ParamSchema, ParamSpec
 
-    defaults = defaults or {}
-    return ParamSchema(
-        [ParamSpec(name, kind, defaults.get(name, value)) for name, (kind, value) in PARAMS.items()]
-    )
+    return ParamSchema([ParamSpec(name, kind, value) for name, (kind, value) in PARAMS.items()])
 
 
-def signature(defaults: dict[str, Any] | None = None) -> Any:
+def signature() -> Any:
     """Input: a ``prompt`` string column; output: one dict per row; params: :func:`params_schema`."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    return ModelSignature(
-        inputs=Schema([ColSpec("string", "prompt")]), params=params_schema(defaults)
-    )
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), params=params_schema())
 
 
 def check_request(prompts: list[Any], params: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -122,13 +133,16 @@ def check_request(prompts: list[Any], params: dict[str, Any], limits: Limits) ->
     for name in ("frames", "height", "width", "steps", "seed"):
         if isinstance(p[name], bool) or not isinstance(p[name], int):
             raise RequestError(f"{name} must be an integer, got {p[name]!r}")
+    guidance = p["guidance"]
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise RequestError(f"guidance must be a number, got {guidance!r}")
+    p["frames"] = p["frames"] or limits.default_frames  # 0: the model's default
+    p["steps"] = p["steps"] or limits.default_steps
+    p["guidance"] = guidance = guidance or limits.default_guidance
     if not 1 <= p["frames"] <= limits.max_frames:
         raise RequestError(f"frames={p['frames']} must be in 1..max_frames={limits.max_frames}")
     if not 1 <= p["steps"] <= limits.max_steps:
         raise RequestError(f"steps={p['steps']} must be in 1..max_steps={limits.max_steps}")
-    guidance = p["guidance"]
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise RequestError(f"guidance must be a number, got {guidance!r}")
     if not (math.isfinite(guidance) and 1.0 <= guidance <= limits.max_guidance):
         raise RequestError(
             f"guidance={guidance} must be in 1..max_guidance={limits.max_guidance} (1 = none)"
@@ -346,10 +360,16 @@ def _prompts(model_input: Any) -> list[Any]:
         return list(model_input["prompt"])
     if isinstance(model_input, str):
         return [model_input]
-    if isinstance(model_input, dict) and "prompt" in model_input:
+    if isinstance(model_input, dict):
+        if "prompt" not in model_input:
+            raise RequestError(f"the input has keys {sorted(model_input)}; it needs 'prompt'")
         value = model_input["prompt"]
         return list(value) if isinstance(value, (list, tuple)) else [value]
-    return list(model_input)
+    if isinstance(model_input, (list, tuple)):
+        return list(model_input)
+    raise RequestError(
+        f"cannot read prompts from a {type(model_input).__name__}; send a 'prompt' column"
+    )
 
 
 mlflow.models.set_model(TextToVideo())
