@@ -357,7 +357,7 @@ def curl_example(url: str) -> str:
     )
     return (
         f"curl -s {url.rstrip('/')}{INVOCATIONS} -H 'Content-Type: application/json' "
-        f"-d '{body}' | python -c '{save}'"
+        f"-d '{body}' | python3 -c '{save}'"
     )
 
 

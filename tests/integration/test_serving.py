@@ -298,3 +298,17 @@ def test_burst_beyond_max_concurrency_is_refused_with_503_and_the_server_recover
         assert resp.status == 200
     status, body = post(served.url, request({"frames": 1, "steps": 2, "format": "png"}))
     assert status == 200, body
+
+
+def test_the_printed_curl_line_gets_a_video(served, tmp_path):
+    """The line `make demo` prints for users, pasted into a shell as is."""
+    import subprocess
+
+    from components.core.serving import curl_example
+
+    proc = subprocess.run(
+        ["bash", "-c", curl_example(served.url)], cwd=tmp_path, capture_output=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frames = decode_frames((tmp_path / "video.mp4").read_bytes())
+    assert frames.shape[0] == 9 and frames.shape[-1] == 3
