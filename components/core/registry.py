@@ -341,7 +341,7 @@ def evaluation_of(name: str, version: Any) -> dict[str, Any]:
 
 def _history(name: str) -> list[str]:
     tags = client().get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
+    return [str(v) for v in json.loads(tags.get(HISTORY_TAG, "[]"))]
 
 
 def _record(name: str, version: str, decision: str, reason: str, extra: Mapping[str, str]) -> None:
@@ -392,11 +392,12 @@ def promote(
         else:
             challenger = resolve(f"models:/{name}/{version}")
         champion = version_by_alias(name, CHAMPION)
-        previous = champion.version if champion else None
-        if champion is not None and champion.version == challenger.version:
+        previous = str(champion.version) if champion else None
+        ver = str(challenger.version)
+        if champion is not None and str(champion.version) == ver:
             return Promotion(
                 name,
-                challenger.version,
+                ver,
                 "already_champion",
                 f"version {previous} is the champion already",
                 previous,
@@ -412,7 +413,7 @@ def promote(
         except promotion.IncomparableError as e:
             _record(
                 name,
-                challenger.version,
+                ver,
                 "refused",
                 f"incomparable: {e}",
                 {"tessera.promotion.champion_compared": str(previous)},
@@ -424,44 +425,36 @@ def promote(
             "tessera.promotion.champion_compared": str(previous),
         }
         if not decision.passed:
-            _record(name, challenger.version, "refused", decision.reason, extra)
-            return Promotion(
-                name, challenger.version, "refused", decision.reason, previous, previous, checks
-            )
+            _record(name, ver, "refused", decision.reason, extra)
+            return Promotion(name, ver, "refused", decision.reason, previous, previous, checks)
         if pc.manual_approval and not approve:
             reason = f"gate passed ({decision.reason}); waiting for approval (--approve)"
-            _record(name, challenger.version, "pending_approval", reason, extra)
-            return Promotion(
-                name, challenger.version, "pending_approval", reason, previous, previous, checks
-            )
-        c.set_registered_model_alias(name, CHAMPION, challenger.version)
+            _record(name, ver, "pending_approval", reason, extra)
+            return Promotion(name, ver, "pending_approval", reason, previous, previous, checks)
+        c.set_registered_model_alias(name, CHAMPION, ver)
         history = _history(name)
         if previous is not None and (not history or history[-1] != previous):
             history.append(previous)
-        history.append(challenger.version)
+        history.append(ver)
         c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-100:]))
         reason = decision.reason + (" (approved)" if approve else "")
         _record(
             name,
-            challenger.version,
+            ver,
             "promoted",
             reason,
             {**extra, "tessera.promotion.previous_champion": str(previous)},
         )
         if champion is not None:
-            c.set_model_version_tag(
-                name, champion.version, "tessera.promotion.replaced_by", challenger.version
-            )
+            c.set_model_version_tag(name, champion.version, "tessera.promotion.replaced_by", ver)
         log.info(
             "%s: version %s is the champion (was %s): %s",
             name,
-            challenger.version,
+            ver,
             previous,
             reason,
         )
-        return Promotion(
-            name, challenger.version, "promoted", reason, previous, challenger.version, checks
-        )
+        return Promotion(name, ver, "promoted", reason, previous, ver, checks)
 
 
 def rollback(pc: PromoteConfig) -> Promotion:
@@ -471,29 +464,25 @@ def rollback(pc: PromoteConfig) -> Promotion:
         c = client()
         champion = version_by_alias(name, CHAMPION)
         history = _history(name)
-        if champion is None or len(history) < 2 or history[-1] != champion.version:
+        if champion is None or len(history) < 2 or history[-1] != str(champion.version):
             raise RegistryError(
                 f"{name}: nothing to roll back to (champion "
                 f"{champion.version if champion else None}, history {history}); promote a "
                 "version first, or set the alias by hand (mlflow models: set alias)"
             )
-        restored = history[-2]
+        current, restored = str(champion.version), history[-2]
         c.set_registered_model_alias(name, CHAMPION, restored)
         c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
-        reason = f"rolled back from version {champion.version} to {restored}"
-        _record(
-            name, champion.version, "rolled_back", reason, {"tessera.promotion.restored": restored}
-        )
+        reason = f"rolled back from version {current} to {restored}"
+        _record(name, current, "rolled_back", reason, {"tessera.promotion.restored": restored})
         _record(
             name,
             restored,
             "promoted",
             reason,
-            {"tessera.promotion.previous_champion": champion.version},
+            {"tessera.promotion.previous_champion": current},
         )
-        return Promotion(
-            name, champion.version, "rolled_back", reason, champion.version, restored, []
-        )
+        return Promotion(name, current, "rolled_back", reason, current, restored, [])
 
 
 def download(uri: str, dst: Path | None = None) -> Path:

@@ -55,10 +55,10 @@ def run(
                 "checks": [],
             }
             champion = registry.version_by_alias(pc.model_name, registry.CHAMPION)
-            result["previous"] = result["champion"] = champion.version if champion else None
+            result["previous"] = result["champion"] = str(champion.version) if champion else None
             chosen = registry.version_by_alias(pc.model_name, "challenger") if not version else None
             if chosen is not None:
-                result["version"] = chosen.version
+                result["version"] = str(chosen.version)
     (Path(workdir) / PROMOTION_JSON).write_text(json.dumps(result, indent=2) + "\n")
     champion = result["champion"]
     print(
