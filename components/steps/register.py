@@ -86,7 +86,8 @@ def collect_lineage(cfg: TesseraConfig, run_id: str) -> tuple[dict[str, str], li
     if (out := outputs["sweep"]) and out.get("best") and out.get("mlflow_run_id"):
         tags["tessera.dit_point"] = str(out["best"])
         experiment = mlflow.get_run(out["mlflow_run_id"]).info.experiment_id
-        point = tracking.find_run(experiment, run_id, "sweep", part=str(out["best"]))
+        # the points' nested runs are tagged tessera.step = sweep_point (the sweep's POINT_STEP)
+        point = tracking.find_run(experiment, run_id, "sweep_point", part=str(out["best"]))
         if point is not None:
             tags["tessera.dit_run"] = point.info.run_id
     return {k: v for k, v in tags.items() if v}, missing

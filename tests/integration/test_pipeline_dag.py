@@ -156,7 +156,8 @@ def test_the_run_ends_with_a_registered_champion_a_user_can_generate_from(
     assert champion.tags["tessera.run_id"] == summary["run_id"]
     assert champion.tags["tessera.dataset_rev"] == summary["version"]["dataset_rev"]
     assert champion.tags["tessera.captioner_version"] == summary["caption"]["captioner_version"]
-    assert client.get_run(champion.tags["tessera.dit_run"]).data.tags["tessera.part"]
+    point = client.get_run(champion.tags["tessera.dit_run"])
+    assert point.data.tags["tessera.part"] == summary["sweep"]["best"]
     assert f"models:/tessera-t2v@champion (version {champion.version})" in output
     assert "curl -s http://127.0.0.1:5001/invocations" in output
     environment = {

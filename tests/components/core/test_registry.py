@@ -71,7 +71,10 @@ def fake_upstream(cfg, ctx: RunContext, manifest: str) -> None:
             return StepResult(values=dict(vals))
 
         runner.run_step(StepSpec(step, fn), cfg, ctx)
-    with tracking.step_run(cfg, "sweep", pipeline=ctx.pipeline, run_id=ctx.run_id, part="p0"):
+    sweep = runner.committed_outputs(runner.step_uri(cfg, ctx.run_id, "sweep"))["mlflow_run_id"]
+    with tracking.step_run(
+        cfg, "sweep_point", pipeline=ctx.pipeline, run_id=ctx.run_id, parent_run_id=sweep, part="p0"
+    ):
         pass  # the chosen point's nested run
 
 
