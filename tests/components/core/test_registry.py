@@ -99,6 +99,17 @@ def env(mlflow_server, tmp_path_factory):
         yield {"home": home, "cfg": cfg, "name": name}
 
 
+def save_captioner(path: Path) -> Path:
+    """A random captioner-tiny as train_captioner saves it (what the expander bundles)."""
+    import torch
+
+    from model.captioner import CAPTIONER_SIZES, Captioner
+
+    torch.manual_seed(0)
+    Captioner(CAPTIONER_SIZES.config("captioner-tiny")).save_pretrained(path)
+    return path
+
+
 def register(env, model_seed: int, summary: dict, lineage: bool = False) -> dict:
     cfg, home = env["cfg"], env["home"]
     root = home / f"model-{model_seed}"
@@ -113,7 +124,12 @@ def register(env, model_seed: int, summary: dict, lineage: bool = False) -> dict
         manifest = home / "manifest.parquet"
         manifest.write_bytes(b"PAR1")
         fake_upstream(cfg, ctx, str(manifest))
-    out = runner.run_step(register_step.STEP, cfg, ctx, model=str(root), evaluation=str(ev))
+    extra = {}
+    if lineage:  # the pipeline's registration: with the run's captioner as prompt expander
+        extra["captioner"] = str(save_captioner(home / "captioner"))
+    out = runner.run_step(
+        register_step.STEP, cfg, ctx, model=str(root), evaluation=str(ev), **extra
+    )
     return {**out, "ctx": ctx, "root": root, "evaluation": str(ev)}
 
 
@@ -180,6 +196,21 @@ def test_registering_the_same_run_again_returns_its_version(env, first):
     assert [v.version for v in found if v.tags.get("tessera.run_id") == ctx.run_id] == [
         str(first["model_version"])
     ]
+
+
+def test_the_bundled_expander_expands_served_prompts(env, first):
+    model = mlflow.pyfunc.load_model(f"models:/{env['name']}/{first['model_version']}")
+    (out,) = model.predict(
+        pd.DataFrame({"prompt": ["red ball bouncing"]}),
+        params={"frames": 1, "aspect": "1:1", "steps": 1, "format": "png", "expand_prompt": True},
+    )
+    assert out["expanded_prompt"].startswith("red ball bouncing")  # the user's words are kept
+    assert json.loads(out["expansion"])["backend"] == "builtin"
+    (plain,) = model.predict(
+        pd.DataFrame({"prompt": ["red ball bouncing"]}),
+        params={"frames": 1, "aspect": "1:1", "steps": 1, "format": "png"},
+    )
+    assert plain["expanded_prompt"] is None
 
 
 def promote(env, **kwargs) -> dict:
