@@ -329,7 +329,14 @@ def test_a_failed_task_fails_the_run_and_says_why(mlflow_server, tmp_path):
     assert "raise train_dit.token_budget" in proc.stdout  # the plan's error, with the fix
     summary = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
     assert summary["status"] == "FAILED" and summary["failed"] == ["sweep_plan"]
-    assert summary["not_run"] == ["evaluate", "generate", "sweep", "sweep_point"]
+    assert summary["not_run"] == [
+        "evaluate",
+        "generate",
+        "promote",
+        "register",
+        "sweep",
+        "sweep_point",
+    ]
     assert "sweep" not in summary and "encode" in summary
     assert not (home / "checkpoints" / summary["run_id"] / "sweep").exists()  # nothing trained
     steps = mlflow_runs(mlflow_server.url, summary["run_id"])["steps"]
