@@ -225,22 +225,9 @@ def stage_t2v_artifacts(
 
 def model_config(cfg: TesseraConfig, name: str, run_id: str) -> dict[str, Any]:
     """The pyfunc's model config: the request limits of ``cfg.serve`` and its identity."""
-    s = cfg.serve
-    limits = {
-        k: getattr(s, k)
-        for k in (
-            "max_batch",
-            "max_prompt_chars",
-            "max_frames",
-            "max_pixels",
-            "max_voxels",
-            "max_steps",
-            "max_guidance",
-            "default_frames",
-            "default_steps",
-            "default_guidance",
-        )
-    }
+    from components.core.t2v_model import limits_of
+
+    limits = limits_of(cfg.serve)
     # every key a loader may override must be logged (MLflow drops unknown ones): the version is
     # only known after registration, so it is logged empty and filled in at load time
     return {**limits, "model_name": name, "model_version": "", "tessera_run_id": run_id}

@@ -62,18 +62,6 @@ PARAMS_KEY = "params"
 COMPLETIONS_KEY = "prompt"  # MLflow's unwrapped ("unified LLM") form: {"prompt": ..., **params}
 # connections per worker uvicorn admits beyond the generation slots: health checks, idle keep-alive
 CONNECTION_HEADROOM = 4
-LIMIT_KEYS = (
-    "max_batch",
-    "max_prompt_chars",
-    "max_frames",
-    "max_pixels",
-    "max_voxels",
-    "max_steps",
-    "max_guidance",
-    "default_frames",
-    "default_steps",
-    "default_guidance",
-)
 COMPLETE_MARKER = ".tessera-download-complete"
 DOCS = "infra/serving.md"
 
@@ -374,11 +362,13 @@ def check_host(host: str, allow_remote: bool) -> None:
 
 def serving_settings(cfg: TesseraConfig, name: str, version: str, uri: str) -> dict[str, Any]:
     """What ``TESSERA_SERVING_CONFIG`` carries to the server processes."""
+    from components.core import t2v_model
+
     s = cfg.serve
     return {
         "model_uri": uri,
         "model_config": {
-            **{k: getattr(s, k) for k in LIMIT_KEYS},
+            **t2v_model.limits_of(s),
             "model_name": name,
             "model_version": str(version),
         },

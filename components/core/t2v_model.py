@@ -93,6 +93,11 @@ class Limits:
         )
 
 
+def limits_of(serve: Any) -> dict[str, Any]:
+    """The :class:`Limits` fields of a ``ServeConfig`` (what the model config carries)."""
+    return {f.name: getattr(serve, f.name) for f in fields(Limits)}
+
+
 def params_schema() -> Any:
     """The signature's params: :data:`PARAMS`."""
     from mlflow.types import ParamSchema, ParamSpec

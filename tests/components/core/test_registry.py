@@ -75,7 +75,7 @@ def fake_upstream(cfg, ctx: RunContext, manifest: str) -> None:
     with tracking.step_run(
         cfg, "sweep_point", pipeline=ctx.pipeline, run_id=ctx.run_id, parent_run_id=sweep, part="p0"
     ):
-        pass  # the chosen point's nested run
+        mlflow.set_tag("tessera.sweep.point_budget", "4e08")  # the chosen point's nested run
 
 
 @pytest.fixture(scope="module")
