@@ -133,7 +133,7 @@ def register(env, model_seed: int, summary: dict, lineage: bool = False) -> dict
     return {**out, "ctx": ctx, "root": root, "evaluation": str(ev)}
 
 
-def cheap_version(env, summary: dict) -> dict:
+def cheap_version(env, summary: dict, name: str | None = None) -> dict:
     """A version whose only content is its evaluation (what the gate reads): a real registry
     entry for the gate tests that do not load the model, registered in a second, not a minute."""
     with mlflow.start_run(
@@ -142,7 +142,7 @@ def cheap_version(env, summary: dict) -> dict:
         mlflow.log_dict(summary, registry.EVALUATION_ARTIFACT)
         mlflow.log_dict({"note": "gate test"}, "model/note.json")
     version = registry.register_version(
-        env["name"],
+        name or env["name"],
         f"{run.info.artifact_uri}/model",
         run.info.run_id,
         {registry.RUN_TAG: run.info.run_id},
@@ -267,22 +267,34 @@ def test_promotion_gate_pass_fail_refusal_and_rollback(env, first):
         promote(env, rollback=True)
 
 
-def test_manual_approval_waits_for_approve(env, first):
-    cfg = env["cfg"]
-    pc = cfg.promote.__class__(**{**vars(cfg.promote), "manual_approval": True})
-    champion = registry.version_by_alias(env["name"], "champion")
-    challenger = cheap_version(env, evaluation(10.0))
-    waiting = registry.promote(pc, str(challenger["model_version"]))
+def own_model(env) -> tuple[str, object]:
+    """A registered model of the test's own (cheap versions only), so no other test's promotions
+    can change what it sees, whatever the order or worker."""
+    import dataclasses
+
+    name = f"{env['name']}-{uuid.uuid4().hex[:6]}"
+    return name, dataclasses.replace(env["cfg"].promote, model_name=name)
+
+
+def test_manual_approval_waits_for_approve(env):
+    import dataclasses
+
+    name, pc = own_model(env)
+    champion = cheap_version(env, evaluation(100.0), name)
+    assert registry.promote(pc).decision == "promoted"
+    manual = dataclasses.replace(pc, manual_approval=True)
+    challenger = cheap_version(env, evaluation(10.0), name)
+    waiting = registry.promote(manual, str(challenger["model_version"]))
     assert waiting.decision == "pending_approval"
-    assert registry.version_by_alias(env["name"], "champion").version == champion.version
-    approved = registry.promote(pc, str(challenger["model_version"]), approve=True)
+    assert registry.version_by_alias(name, "champion").version == str(champion["model_version"])
+    approved = registry.promote(manual, str(challenger["model_version"]), approve=True)
     assert approved.decision == "promoted" and approved.champion == str(challenger["model_version"])
 
 
-def test_two_concurrent_promotions_end_with_one_champion_and_a_consistent_history(env, first):
-    name, pc = env["name"], env["cfg"].promote
-    a = cheap_version(env, evaluation(5.0))
-    b = cheap_version(env, evaluation(5.0))
+def test_two_concurrent_promotions_end_with_one_champion_and_a_consistent_history(env):
+    name, pc = own_model(env)
+    a = cheap_version(env, evaluation(5.0), name)
+    b = cheap_version(env, evaluation(5.0), name)
     results, errors = [], []
 
     def go(version):
