@@ -78,13 +78,14 @@ def save_tiny_servable_model(root: Path) -> Path:
     return root
 
 
-def register_tiny_model(home: Path) -> str:
-    """Register the tiny model in the registry of ``home`` (TESSERA_HOME, SQLite MLflow); its
-    ``models:/name/N``. Call with TESSERA_HOME set to ``home``."""
+def register_tiny_model(home: Path, model: Path | None = None) -> str:
+    """Register ``model`` (default: :func:`save_tiny_servable_model`'s) in the registry of
+    ``home`` (TESSERA_HOME, SQLite MLflow); its ``models:/name/N``. Call with TESSERA_HOME set
+    to ``home``."""
     from components.core.runner import RunContext, run_step
     from components.steps.register import STEP
 
-    model = save_tiny_servable_model(home / "model")
+    model = model or save_tiny_servable_model(home / "model")
     evaluation = home / "evaluation.json"
     evaluation.write_text(
         json.dumps(

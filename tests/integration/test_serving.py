@@ -45,10 +45,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
+    from components.bench.serving import register_tiny_model
     from components.core.config import load_config
-    from components.core.runner import RunContext, run_step
     from components.core.serving import serve
-    from components.steps.register import STEP
     from tests.testing_utils.models import save_servable_model
 
     home = tmp_path_factory.mktemp("serving-home")
@@ -58,24 +57,8 @@ def served(tmp_path_factory):
         root = home / "model"
         root.mkdir()
         save_servable_model(root)
-        evaluation = home / "evaluation.json"
-        evaluation.write_text(
-            json.dumps(
-                {
-                    "metrics": {
-                        "fvd_domain": 100.0,
-                        "fvd_domain_n_real": 8.0,
-                        "fvd_domain_n_fake": 8.0,
-                    },
-                    "extractors": {"domain": "abc"},
-                }
-            )
-        )
-        cfg = load_config("tiny", ["generate.max_pixels=4096"])
-        out = run_step(
-            STEP, cfg, RunContext.new("cli"), model=str(root), evaluation=str(evaluation)
-        )
-        assert out["model_uri"] == "models:/tessera-t2v/1"
+        uri = register_tiny_model(home, root)  # the bench's registration of a tiny model
+        assert uri == "models:/tessera-t2v/1"
         handle = serve(
             load_config("tiny", SERVE),
             "models:/tessera-t2v@challenger",
