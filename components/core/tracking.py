@@ -296,16 +296,31 @@ def _log_config(client, mlflow_run_id: str, cfg: TesseraConfig) -> None:
 
 
 class MlflowServer:
-    """A real ``mlflow server`` on loopback: SQLite backend, local artifact root.
+    """A real ``mlflow server`` on loopback: by default a SQLite backend and a local artifact
+    root under ``home``; a team's database (``backend_store_uri``, e.g. PostgreSQL) and bucket
+    (``artifact_root``, e.g. ``s3://…``) otherwise. A SQL backend other than SQLite is brought to
+    the installed MLflow's schema with ``mlflow db upgrade`` before the server starts.
 
     Artifacts are written by clients straight to the artifact root (no proxying), so the same
     store also works when a command talks to ``sqlite:///…/mlflow.db`` directly.
     """
 
-    def __init__(self, home: Path, host: str = "127.0.0.1", port: int = 5000) -> None:
+    def __init__(
+        self,
+        home: Path,
+        host: str = "127.0.0.1",
+        port: int = 5000,
+        *,
+        backend_store_uri: str = "",
+        artifact_root: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.home = Path(home).absolute()
         self.host = host
         self.port = port
+        self.backend_store_uri = backend_store_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+        self.artifact_root = artifact_root or (self.home / "mlartifacts").as_uri()
+        self.env = env
         self.log_path = self.home / "logs" / f"mlflow-server-{port}.log"
         self.pid_path = self.home / f"mlflow-server-{port}.pid"
         self._proc: subprocess.Popen | None = None
@@ -321,9 +336,9 @@ class MlflowServer:
             "mlflow",
             "server",
             "--backend-store-uri",
-            f"sqlite:///{self.home / 'mlflow.db'}",
+            self.backend_store_uri,
             "--default-artifact-root",
-            (self.home / "mlartifacts").as_uri(),
+            self.artifact_root,
             "--no-serve-artifacts",
             "--host",
             self.host,
@@ -345,9 +360,18 @@ class MlflowServer:
         if self.healthy():
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **(self.env or {})}
+        if not self.backend_store_uri.startswith("sqlite:"):
+            upgrade = [sys.executable, "-m", "mlflow", "db", "upgrade", self.backend_store_uri]
+            proc = subprocess.run(upgrade, env=env, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                raise TrackingError(
+                    f"`mlflow db upgrade` of the backend store failed (exit {proc.returncode}):\n"
+                    f"{proc.stderr[-2000:]}"
+                )
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
         self.pid_path.write_text(str(self._proc.pid))
         deadline = time.monotonic() + timeout_s

@@ -51,6 +51,7 @@ PROGRESS_PREFIXES = (
     b"train_dit:",
     b"train_evaluator:",
     b"train_captioner:",
+    b"resumed from checkpoint",
     b"[rank0]:",
     b"Traceback",
 )
@@ -685,6 +686,8 @@ class Trainer:
         self.state = TrainState(
             step=int(client_state["step"]), samples=int(client_state["samples"])
         )
+        if self.rank == 0:  # a line of the task's log too (PROGRESS_PREFIXES)
+            print(f"resumed from checkpoint {path} at step {self.state.step}", flush=True)
         return client_state
 
     def _resume_tag(self, path: Path) -> tuple[str, bool]:
