@@ -477,6 +477,23 @@ def demo(profile: Profile = "demo", port: int = 5000) -> None:
     _print_summary(summary)
 
 
+def _times_line(summary: dict) -> str:
+    """Each step's share of the summed step time (its parts included), largest first. Steps a
+    re-run found committed keep the time of the run that made them."""
+    times = {
+        step: out["seconds"] + out.get("parts_seconds", 0.0)
+        for step, out in summary.items()
+        if isinstance(out, dict) and "seconds" in out
+    }
+    total = sum(times.values())
+    if not total:
+        return ""
+    shares = ", ".join(
+        f"{step} {t / total:.0%}" for step, t in sorted(times.items(), key=lambda kv: -kv[1])
+    )
+    return f"{total / 60:.1f} min in steps: {shares}"
+
+
 def _print_summary(summary: dict) -> None:
     """The lines a user wants at the end of a pipeline run, each once."""
     from components.core import storage
@@ -509,6 +526,8 @@ def _print_summary(summary: dict) -> None:
         lines["promotion"] = f"{promoted['decision']}: {promoted['reason']}"
         if promoted.get("champion_uri"):
             lines["champion"] = f"{promoted['champion_uri']} (version {promoted['champion']})"
+    if times := _times_line(summary):
+        lines["step times"] = times
     for key, value in lines.items():
         typer.echo(f"  {key:<16} {value}")
     if promoted and promoted.get("champion_uri"):
@@ -700,6 +719,16 @@ def mlflow_server(
     server.start()
     typer.echo(f"MLflow at {server.url} (log {server.log_path})")
     typer.echo(f"export MLFLOW_TRACKING_URI={server.url}")
+
+
+@app.command("airflow-ui")
+def airflow_ui(port: Annotated[int, typer.Option(help="The api-server's port.")] = 8080) -> None:
+    """Airflow on loopback with Tessera's DAGs: api-server, scheduler, dag-processor and
+    triggerer (LocalExecutor, SQLite under TESSERA_HOME/airflow) until Ctrl-C; prints the URL and
+    the login."""
+    from components.orchestration import airflow_local
+
+    airflow_local.serve_ui(port)
 
 
 @app.command("config")

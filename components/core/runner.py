@@ -214,7 +214,10 @@ def _transaction(
     keep_metrics: bool = False,
 ) -> dict[str, Any]:
     """Stage, run, log and commit; a part (``keep_metrics``) keeps its metrics in its outputs,
-    and the step over them logs those as ``part/<metric>`` series (MLflow step = part index)."""
+    and the step over them logs those as ``part/<metric>`` series (MLflow step = part index).
+    ``seconds`` in the outputs is the transaction's wall time; a step over parts also records
+    ``parts_seconds``, the sum of its parts' (they may have run in parallel)."""
+    started = time.perf_counter()
     with storage.staged_output(out) as workdir:
         mlflow_run_id = None
         if track:
@@ -236,6 +239,9 @@ def _transaction(
             outputs["metrics"] = {k: float(v) for k, v in result.metrics.items()}
         outputs["step_uri"] = out
         outputs["mlflow_run_id"] = mlflow_run_id
+        outputs["seconds"] = round(time.perf_counter() - started, 2)
+        if parts is not None:
+            outputs["parts_seconds"] = round(sum(p.get("seconds", 0.0) for p in parts), 2)
         (Path(workdir) / OUTPUTS).write_text(json.dumps(outputs, indent=2, sort_keys=True))
     return outputs
 
