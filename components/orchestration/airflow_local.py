@@ -38,7 +38,7 @@ DAG_ID = "tessera_pipeline"
 POOLS = {
     "tessera_dvc": (1, "DVC and git: one version task at a time per workspace"),
     # one training run at a time on this machine (each uses every core); a GPU cluster sets the
-    # slots to the runs its nodes hold (infra/values-airflow.yaml)
+    # slots to the runs its nodes hold (infra/kubernetes/values-airflow.yaml)
     "accelerator": (1, "training runs (sweep points): one per free accelerator"),
     "tessera_registry": (1, "MLflow registrations and promotions: one at a time per registry"),
 }
