@@ -423,11 +423,18 @@ def run_pipeline(
         str, typer.Option(help="Raw videos to ingest; empty renders the demo corpus.")
     ] = "",
     captions: Annotated[str, typer.Option(help="captions.parquet for --source.")] = "",
+    run_name: Annotated[
+        str,
+        typer.Option(
+            help="The run's id in the store and MLflow; a finished run's id reuses its steps."
+        ),
+    ] = "",
 ) -> None:
     """Run the whole pipeline DAG once through Airflow (`airflow dags test`)."""
     from components.orchestration import airflow_local
 
-    summary = airflow_local.dags_test(profile, overrides or [], source, captions)
+    params = {"run_name": run_name} if run_name else None
+    summary = airflow_local.dags_test(profile, overrides or [], source, captions, params=params)
     _print_summary(summary)
 
 
@@ -453,6 +460,58 @@ def recaption_ablation(
     typer.echo(f"  table            {summary['recaption_ablation']['table']}")
 
 
+def _json_option(name: str, text: str, kind: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"{name} is not JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise typer.BadParameter(f"{name} must be a JSON {kind.__name__}, got {text[:200]}")
+    return value
+
+
+@app.command("task")
+def task(
+    step: Annotated[
+        str, typer.Argument(help="Step name (train_vae, sweep, ...), or start / finish.")
+    ],
+    plan: Annotated[bool, typer.Option("--plan", help="Plan the step's parts.")] = False,
+    part: Annotated[
+        str | None, typer.Option("--part", help="Run one planned part (its JSON).")
+    ] = None,
+    params: Annotated[str, typer.Option(help="The DAG run's params (JSON object).")] = "{}",
+    run: Annotated[
+        str,
+        typer.Option(help="The run handle of `task start` (JSON); for start: {run_id, pipeline}."),
+    ] = "{}",
+    inputs: Annotated[
+        str, typer.Option(help="The step's inputs (JSON object); for finish: {states}.")
+    ] = "{}",
+    output: Annotated[
+        Path, typer.Option(help="Where the JSON result goes (KubernetesPodOperator's XCom).")
+    ] = Path("/airflow/xcom/return.json"),
+) -> None:
+    """Run one DAG task's body, as an orchestrator's container does (Kubernetes pods in
+    [tessera] task_mode = kubernetes, Kubeflow components): the same code and arguments as the
+    Airflow task, the JSON result written to OUTPUT."""
+    from components.orchestration import tasks
+
+    result = tasks.command(
+        step,
+        _json_option("--params", params, dict),
+        _json_option("--run", run, dict),
+        _json_option("--inputs", inputs, dict),
+        plan=plan,
+        part=None if part is None else _json_option("--part", part, dict),
+    )
+    text = json.dumps(result, sort_keys=True, default=str)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(output)  # the sidecar never reads half a file
+    typer.echo(text)
+
+
 @app.command("demo")
 def demo(profile: Profile = "demo", port: int = 5000) -> None:
     """Start MLflow on loopback and run the pipeline DAG on the demo corpus; print where to look."""
@@ -464,7 +523,10 @@ def demo(profile: Profile = "demo", port: int = 5000) -> None:
     env = Environment.read()
     server = tracking.MlflowServer(env.home, port=port).start()
     os.environ["MLFLOW_TRACKING_URI"] = server.url  # the DAG run's tasks inherit it
-    summary = airflow_local.dags_test(profile, [], "")
+    # one run per profile and config: running the demo again reuses the steps it committed
+    run_name = f"demo-{Path(profile).stem}-{_config_digest(_config(profile, []))}"
+    typer.echo(f"run {run_name} (steps it committed before are reused; `make clean` starts over)")
+    summary = airflow_local.dags_test(profile, [], "", params={"run_name": run_name})
     tracking.setup()
     experiment = tracking.ensure_experiment(
         tracking.experiment_name(PIPELINE, _config(profile, []))
@@ -475,6 +537,14 @@ def demo(profile: Profile = "demo", port: int = 5000) -> None:
     typer.echo(f"  Airflow UI    make airflow-ui  (AIRFLOW_HOME={airflow_local.airflow_home()})")
     typer.echo(f"  store         {env.home / 'store'}")
     _print_summary(summary)
+
+
+def _config_digest(cfg) -> str:
+    import hashlib
+
+    from components.core.config import to_yaml
+
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:10]
 
 
 def _times_line(summary: dict) -> str:

@@ -2,14 +2,19 @@
 
 Orchestration only: every task runs one step through ``components.orchestration.tasks`` (imported
 inside the task body, so parsing this file stays cheap); a task id is its step's name, and only
-URIs and small dicts travel in XCom.
+URIs and small dicts travel in XCom. The data group is this DAG's own; the train, evaluate and
+release groups are built by ``components.orchestration.dag_tasks`` (stdlib + Airflow only at
+parse time), which ``tessera_train`` shares.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, task, teardown
+from airflow.sdk import Param, TaskGroup, dag, task
+
+from components.orchestration import dag_tasks, kubernetes
+from components.orchestration.dag_tasks import DATASET, DVC_POOL
 
 DOC = """
 ### Tessera pipeline
@@ -39,21 +44,27 @@ moves `champion` to it when the gate (`promote.gates`) passes against the curren
 with `tessera serve`; promote or roll back by hand with the `tessera_promote` DAG.
 `finish` always runs: it ends the parent run FINISHED or FAILED and writes the run's summary.
 
+Task groups: **data** (demo_data … version), **train** (train_captioner … train_evaluator),
+**evaluation** (generate, evaluate; a group id may not repeat a task id), **release** (register, promote); task ids carry no group
+prefix. `version` updates the Asset `tessera://dataset` (its event names the run, manifest and
+dataset revision: `tessera_train` retrains on it) and `register` the Asset
+`tessera://model/tessera-t2v`. Typed params set config keys (null = the profile's value; a set
+one wins over `overrides`): **budgets** → `sweep.budgets`, **manual_approval** →
+`promote.manual_approval`, **gates** → `promote.gates`, **require_validated_evaluator** →
+`train_evaluator.require_validated`; a wrong type or value is refused when the run is triggered.
+With `[tessera] task_mode = kubernetes` the training tasks run as GPU pods in the Tessera image
+(`tessera task <step>`; the sweep's points through `sweep_point_args`).
+
 Each step writes to `{store}/runs/{run_id}/{step}/` atomically, so a retry of a finished step is
 a no-op and a retry of a crashed one starts that step again (training resumes from its last
 checkpoint). MLflow: experiment `tessera/tessera_pipeline`, one nested run per step.
 """
 
 PARAMS = {
-    "profile": Param("demo", type="string", description="tiny | demo | small, or a YAML path"),
-    "overrides": Param([], type="array", description="config overrides, e.g. ingest.workers=4"),
+    **dag_tasks.PARAMS,
     "source": Param("", type="string", description="raw videos; empty = render the demo corpus"),
     "captions": Param("", type="string", description="captions.parquet for `source` (optional)"),
-    "track": Param(True, type="boolean", description="log to MLflow"),
 }
-DVC_POOL = "tessera_dvc"  # one slot: DVC and git cannot run concurrently in one workspace
-ACCELERATOR_POOL = "accelerator"  # training runs: as many slots as runs the machines hold
-REGISTRY_POOL = "tessera_registry"  # one slot: registrations and promotions of one registry
 
 
 @dag(
@@ -64,15 +75,13 @@ REGISTRY_POOL = "tessera_registry"  # one slot: registrations and promotions of 
     doc_md=DOC,
     tags=["tessera"],
     default_args={"retries": 2},  # the delay is Airflow's [core] default_task_retry_delay
+    user_defined_filters=kubernetes.TEMPLATE_FILTERS,
 )
 def tessera_pipeline():
-    @task(execution_timeout=timedelta(minutes=5))
-    def start(params=None, run_id=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.start(dict(params), run_id)
-
-    @task(execution_timeout=timedelta(hours=1))
+    @task(
+        execution_timeout=timedelta(hours=1),
+        doc_md="Render the captioned demo corpus (skipped when `source` is set).",
+    )
     def demo_data(run: dict, params=None) -> dict:
         from components.orchestration import tasks
 
@@ -80,7 +89,11 @@ def tessera_pipeline():
             tasks.skip("params.source is set: its files are ingested instead of the demo corpus")
         return tasks.run_task("demo_data", dict(params), run)
 
-    @task(trigger_rule="none_failed", execution_timeout=timedelta(hours=6))
+    @task(
+        trigger_rule="none_failed",
+        execution_timeout=timedelta(hours=6),
+        doc_md="Probe every raw file into a manifest; quarantine the rest with a reason.",
+    )
     def ingest(run: dict, params=None) -> dict:
         from components.orchestration import tasks
 
@@ -89,7 +102,10 @@ def tessera_pipeline():
             "ingest", dict(params), run, src=raw["clips"], captions=raw.get("captions")
         )
 
-    @task(execution_timeout=timedelta(hours=1))
+    @task(
+        execution_timeout=timedelta(hours=1),
+        doc_md="Check the manifest with the Great Expectations suite (Data Docs).",
+    )
     def validate(run: dict, ingested: dict, params=None) -> dict:
         from components.orchestration import tasks
 
@@ -101,204 +117,35 @@ def tessera_pipeline():
             quarantine=ingested["quarantine"],
         )
 
-    @task(pool=DVC_POOL, execution_timeout=timedelta(hours=6))
-    def version(run: dict, validated: dict, params=None) -> dict:
+    @task(
+        pool=DVC_POOL,
+        execution_timeout=timedelta(hours=6),
+        outlets=[DATASET],
+        doc_md="Commit the dataset to DVC; updates the dataset Asset.",
+    )
+    def version(run: dict, validated: dict, params=None, outlet_events=None) -> dict:
         from components.orchestration import tasks
 
         raw = tasks.corpus(dict(params), run)
-        return tasks.run_task(
+        versioned = tasks.run_task(
             "version", dict(params), run, manifest=validated["manifest"], captions=raw["captions"]
         )
+        outlet_events[DATASET].extra = {
+            "run_id": run["run_id"],
+            "manifest": versioned["manifest"],
+            "dataset_rev": versioned.get("dataset_rev"),
+        }
+        return versioned
 
-    @task(pool=ACCELERATOR_POOL, execution_timeout=timedelta(hours=24))
-    def train_captioner(run: dict, dataset: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        raw = tasks.corpus(dict(params), run)
-        return tasks.run_task(
-            "train_captioner",
-            dict(params),
-            run,
-            manifest=dataset["manifest"],
-            factors=raw.get("factors") or "",
-        )
-
-    @task(execution_timeout=timedelta(minutes=10))
-    def caption_plan(run: dict, dataset: dict, captioner: dict, params=None) -> list:
-        from components.orchestration import tasks
-
-        return tasks.plan_task(
-            "caption",
-            dict(params),
-            run,
-            manifest=dataset["manifest"],
-            captioner=captioner["captioner"],
-        )
-
-    @task(max_active_tis_per_dagrun=2, execution_timeout=timedelta(hours=6))
-    def caption_shard(run: dict, dataset: dict, captioner: dict, shard: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.part_task(
-            "caption",
-            dict(params),
-            run,
-            shard,
-            manifest=dataset["manifest"],
-            captioner=captioner["captioner"],
-        )
-
-    @task(execution_timeout=timedelta(hours=1))
-    def caption(run: dict, shards: list, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task("caption", dict(params), run, parts=tasks.gather(shards))
-
-    @task(execution_timeout=timedelta(hours=48))
-    def train_vae(run: dict, dataset: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task("train_vae", dict(params), run, manifest=dataset["manifest"])
-
-    @task(execution_timeout=timedelta(minutes=10))
-    def encode_plan(run: dict, dataset: dict, params=None) -> list:
-        from components.orchestration import tasks
-
-        return tasks.plan_task("encode", dict(params), run, manifest=dataset["manifest"])
-
-    @task(max_active_tis_per_dagrun=2, execution_timeout=timedelta(hours=6))
-    def encode_shard(
-        run: dict, dataset: dict, vae: dict, captions: dict, shard: dict, params=None
-    ) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.part_task(
-            "encode",
-            dict(params),
-            run,
-            shard,
-            manifest=dataset["manifest"],
-            vae=vae["vae"],
-            captions=captions["captions"],
-        )
-
-    @task(execution_timeout=timedelta(hours=1))
-    def encode(run: dict, shards: list, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task("encode", dict(params), run, parts=tasks.gather(shards))
-
-    @task(execution_timeout=timedelta(minutes=30))
-    def sweep_plan(run: dict, latents: dict, params=None) -> list:
-        from components.orchestration import tasks
-
-        return tasks.plan_task("sweep", dict(params), run, latents=latents["latents"])
-
-    @task(pool=ACCELERATOR_POOL, execution_timeout=timedelta(hours=72))
-    def sweep_point(run: dict, latents: dict, vae: dict, point: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.part_task(
-            "sweep", dict(params), run, point, latents=latents["latents"], vae=vae["vae"]
-        )
-
-    @task(execution_timeout=timedelta(hours=1))
-    def sweep(run: dict, points: list, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task("sweep", dict(params), run, parts=tasks.gather(points))
-
-    @task(execution_timeout=timedelta(hours=2))
-    def generate(run: dict, dit: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task("generate", dict(params), run, model=dit["model"])
-
-    @task(execution_timeout=timedelta(hours=12))
-    def train_evaluator(run: dict, dataset: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task("train_evaluator", dict(params), run, manifest=dataset["manifest"])
-
-    @task(execution_timeout=timedelta(hours=6))
-    def evaluate(run: dict, dataset: dict, dit: dict, evaluator: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        raw = tasks.corpus(dict(params), run)
-        demo = {k: raw[k] for k in ("clips", "captions", "factors") if raw.get("factors")}
-        return tasks.run_task(
-            "evaluate",
-            dict(params),
-            run,
-            manifest=dataset["manifest"],
-            model=dit["model"],
-            evaluator=evaluator["evaluator"],
-            **demo,
-        )
-
-    @task(pool=REGISTRY_POOL, execution_timeout=timedelta(hours=1))
-    def register(
-        run: dict, dit: dict, evaluator: dict, evaluated: dict, captioner: dict, params=None
-    ) -> dict:
-        from components.orchestration import tasks
-
-        if not params["track"]:
-            tasks.skip("params.track is false: the registry lives in MLflow, nothing to register")
-        return tasks.run_task(
-            "register",
-            dict(params),
-            run,
-            model=dit["model"],
-            evaluation=evaluated["result"],
-            evaluator=evaluator["evaluator"],
-            captioner=captioner["captioner"],
-            pairs=captioner.get("pairs") or "",
-        )
-
-    @task(pool=REGISTRY_POOL, execution_timeout=timedelta(minutes=30))
-    def promote(run: dict, registered: dict, params=None) -> dict:
-        from components.orchestration import tasks
-
-        return tasks.run_task(
-            "promote", dict(params), run, version=str(registered["model_version"])
-        )
-
-    @teardown
-    @task(retries=0, execution_timeout=timedelta(minutes=10))
-    def finish(run: dict, params=None, ti=None) -> dict:
-        from components.orchestration import tasks
-
-        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id])[ti.run_id]
-        return tasks.finish(dict(params), run, {k: v for k, v in states.items() if k != ti.task_id})
-
-    run = start()
-    demo = demo_data(run)
-    ingested = ingest(run)
-    demo >> ingested
-    validated = validate(run, ingested)
-    dataset = version(run, validated)
-    captioner = train_captioner(run, dataset)
-    caption_shards = caption_shard.partial(run=run, dataset=dataset, captioner=captioner).expand(
-        shard=caption_plan(run, dataset, captioner)
-    )
-    captions = caption(run, caption_shards)
-    vae = train_vae(run, dataset)
-    captions >> vae  # the corpus is re-captioned before the compression network trains
-    shards = encode_shard.partial(run=run, dataset=dataset, vae=vae, captions=captions).expand(
-        shard=encode_plan(run, dataset)
-    )
-    latents = encode(run, shards)
-    points = sweep_point.partial(run=run, latents=latents, vae=vae).expand(
-        point=sweep_plan(run, latents)
-    )
-    dit = sweep(run, points)
-    evaluator = train_evaluator(run, dataset)
-    evaluated = evaluate(run, dataset, dit, evaluator)
-    steps = [demo, ingested, validated, dataset, captioner, captions, vae, latents, dit]
-    steps.append(generate(run, dit))
-    registered = register(run, dit, evaluator, evaluated, captioner)
-    steps += [evaluator, evaluated, registered, promote(run, registered)]
-    steps >> finish(run)
+    run = dag_tasks.start()
+    with TaskGroup("data", prefix_group_id=False, tooltip="raw videos to a versioned dataset"):
+        demo = demo_data(run)
+        ingested = ingest(run)
+        demo >> ingested
+        validated = validate(run, ingested)
+        dataset = version(run, validated)
+    ends = dag_tasks.model_groups(run, dataset, corpus_task="demo_data")
+    [demo, ingested, validated, dataset, *ends] >> dag_tasks.finish()(run)
 
 
 pipeline_dag = tessera_pipeline()

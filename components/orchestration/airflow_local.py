@@ -119,7 +119,7 @@ def dags_test(
             f"DAG {dag_id} did not run (exit {proc.returncode}); see the output above"
         )
     cfg = load_config(profile, overrides)
-    run_id = sanitize_run_id(dag_run["run_id"])
+    run_id = sanitize_run_id(conf.get("run_name") or dag_run["run_id"])
     summary_uri = storage.join(cfg.store_uri(), "runs", run_id, "summary.json")
     summary = json.loads(storage.read_text(summary_uri)) if storage.exists(summary_uri) else {}
     if not dag_run["state"].endswith("success"):

@@ -3,9 +3,14 @@
 A DAG task names a step and passes its inputs (URIs and small dicts from upstream tasks);
 :func:`run_task` finds the step's spec by that name (``components.steps.<name>.STEP``), builds
 the config from the DAG params and the run context from :func:`start`'s handle, and runs it
-through :func:`components.core.runner.run_step`. :func:`start` opens the pipeline's MLflow parent run, :func:`finish` closes it with the
-pipeline's real status; :func:`skip` marks a task that has nothing to do skipped. Adding a step
-adds no code here.
+through :func:`components.core.runner.run_step`. :func:`start` opens the pipeline's MLflow
+parent run, :func:`finish` closes it with the pipeline's real status; :func:`skip` marks a task
+that has nothing to do skipped. Adding a step adds no code here.
+
+The DAG params become the config in one place, :func:`config`: ``profile``, then the free-form
+``overrides``, then the typed Params of :data:`PARAM_KEYS` that are set (a null or empty one
+means "the profile's value"). :func:`command` is what ``tessera task`` (a Kubernetes pod, a
+Kubeflow component) runs: the same bodies as a local task, by step name.
 """
 
 from __future__ import annotations
@@ -35,8 +40,35 @@ def spec(name: str) -> StepSpec:
     return found
 
 
+# typed DAG Params -> the config key each sets (their JSON schemas are in the DAG files)
+PARAM_KEYS = {
+    "budgets": "sweep.budgets",
+    "manual_approval": "promote.manual_approval",
+    "gates": "promote.gates",
+    "require_validated_evaluator": "train_evaluator.require_validated",
+}
+
+
+def param_overrides(params: dict[str, Any]) -> list[str]:
+    """The config overrides of a DAG run's params: ``overrides`` as given, then one
+    ``key=value`` per typed Param that is set (so a set Param wins over the same key in
+    ``overrides``); null, ``""`` and ``[]`` leave the profile's value."""
+    found = list(params.get("overrides") or [])
+    for name, key in PARAM_KEYS.items():
+        value = params.get(name)
+        if value is None or value == "" or value == []:
+            continue
+        found.append(f"{key}={json.dumps(value)}")  # JSON is YAML: the override parser reads it
+    return found
+
+
+def config(params: dict[str, Any]) -> TesseraConfig:
+    """The resolved config of a DAG run: its profile plus :func:`param_overrides`."""
+    return load_config(params.get("profile", "demo"), param_overrides(params))
+
+
 def resolve(params: dict[str, Any], run: dict[str, Any]) -> tuple[TesseraConfig, RunContext]:
-    cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
+    cfg = config(params)
     pipeline = run.get("pipeline", PIPELINE)
     ctx = RunContext(run["run_id"], pipeline, run.get("parent_run_id"), run.get("track", True))
     return cfg, ctx
@@ -44,7 +76,7 @@ def resolve(params: dict[str, Any], run: dict[str, Any]) -> tuple[TesseraConfig,
 
 def skip(reason: str) -> NoReturn:
     """Mark the running task skipped (downstream tasks that need it are skipped too)."""
-    from airflow.exceptions import AirflowSkipException
+    from airflow.sdk.exceptions import AirflowSkipException
 
     raise AirflowSkipException(reason)
 
@@ -75,10 +107,17 @@ def gather(parts: Any) -> list[dict[str, Any]]:
     return [parts[i] for i in range(len(parts))]
 
 
-def corpus(params: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+def corpus(
+    params: dict[str, Any], run: dict[str, Any], dataset: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The raw videos of this run: ``params.source`` (+ ``params.captions``), else the demo
     corpus this run's demo_data step rendered. Read from the store, not XCom: demo_data is
-    skipped when a source is given, and a skipped task leaves no XCom to pull."""
+    skipped when a source is given, and a skipped task leaves no XCom to pull.
+
+    A ``dataset`` from :func:`dataset` (a training run on an earlier run's data) carries its
+    corpus: the demo corpus of that data run, or ``{}`` when that run ingested a source."""
+    if dataset and dataset.get("data_run"):
+        return {k: dataset[k] for k in ("clips", "captions", "factors") if dataset.get(k)}
     if params.get("source"):
         return {"clips": params["source"], "captions": params.get("captions") or None}
     cfg, ctx = resolve(params, run)
@@ -95,11 +134,13 @@ def corpus(params: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
 
 
 def start(params: dict[str, Any], airflow_run_id: str, pipeline: str = PIPELINE) -> dict[str, Any]:
-    """Open the pipeline's parent MLflow run (once per run id) and return the run handle."""
+    """Open the pipeline's parent MLflow run (once per run id) and return the run handle. The
+    run id is ``params.run_name`` when set (a name used before resumes that run: its committed
+    steps are kept), else the Airflow run id."""
     from components.core import tracking
 
-    cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
-    run_id = sanitize_run_id(airflow_run_id)
+    cfg = config(params)
+    run_id = sanitize_run_id(params.get("run_name") or airflow_run_id)
     track = bool(params.get("track", True))
     parent = tracking.pipeline_run(cfg, pipeline, run_id) if track else None
     return {"run_id": run_id, "parent_run_id": parent, "track": track, "pipeline": pipeline}
@@ -108,7 +149,7 @@ def start(params: dict[str, Any], airflow_run_id: str, pipeline: str = PIPELINE)
 def source_run(params: dict[str, Any], run_id: str = "") -> dict[str, Any]:
     """The summary of a finished main-pipeline run (``run_id``, or the latest one): every
     committed step's outputs by step name."""
-    cfg = load_config(params.get("profile", "demo"), params.get("overrides") or [])
+    cfg = config(params)
     name = f"runs/{run_id}/summary.json" if run_id else "latest/pipeline.json"
     uri = storage.join(cfg.store_uri(), *name.split("/"))
     if not storage.exists(uri):
@@ -117,6 +158,25 @@ def source_run(params: dict[str, Any], run_id: str = "") -> dict[str, Any]:
             "name a finished run id in the source_run param"
         )
     return json.loads(storage.read_text(uri))
+
+
+def dataset(params: dict[str, Any], run_id: str = "") -> dict[str, Any]:
+    """The versioned dataset of an earlier data run, for a training run (``tessera_train``):
+    the committed ``version`` outputs of run ``run_id`` (it need not have finished: the
+    dataset Asset's event names the run as soon as ``version`` commits), else of the latest
+    finished pipeline run; plus ``data_run`` and that run's demo corpus (``clips``,
+    ``captions``, ``factors``; absent when the run ingested a source)."""
+    cfg = config(params)
+    run_id = run_id or source_run(params)["run_id"]
+    versioned = runner.committed_outputs(runner.step_uri(cfg, run_id, "version"))
+    if versioned is None:
+        raise FileNotFoundError(
+            f"run {run_id} has no committed version step under "
+            f"{runner.step_uri(cfg, run_id, 'version')}: name a run whose data steps finished"
+        )
+    demo = runner.committed_outputs(runner.step_uri(cfg, run_id, "demo_data")) or {}
+    corpus = {k: demo[k] for k in ("clips", "captions", "factors") if demo.get(k)}
+    return {**versioned, **corpus, "data_run": run_id}
 
 
 def finish(params: dict[str, Any], run: dict[str, Any], states: dict[str, str]) -> dict[str, Any]:
@@ -142,7 +202,7 @@ def finish(params: dict[str, Any], run: dict[str, Any], states: dict[str, str]) 
     if ctx.track and ctx.parent_run_id:
         from components.core import tracking
 
-        rev = steps.get("version", {}).get("dataset_rev")
+        rev = steps.get("version", {}).get("dataset_rev") or run.get("dataset_rev")
         tracking.finish_pipeline_run(ctx.parent_run_id, status, dataset_rev=rev)
         summary["mlflow_parent_run_id"] = ctx.parent_run_id
     text = json.dumps(summary, indent=2, sort_keys=True, default=str)
@@ -150,3 +210,33 @@ def finish(params: dict[str, Any], run: dict[str, Any], states: dict[str, str]) 
     latest = "pipeline.json" if ctx.pipeline == PIPELINE else f"pipeline-{ctx.pipeline}.json"
     storage.write_text(storage.join(cfg.store_uri(), "latest", latest), text)
     return summary
+
+
+# --------------------------------------------------------------------------- tessera task
+
+
+def command(
+    step: str,
+    params: dict[str, Any],
+    run: dict[str, Any],
+    inputs: dict[str, Any],
+    *,
+    plan: bool = False,
+    part: dict[str, Any] | None = None,
+) -> Any:
+    """What ``tessera task`` runs (a pod, a Kubeflow component): the body of the DAG task of
+    ``step`` with the same arguments. ``start`` takes ``run = {"run_id": <the orchestrator's
+    run id>, "pipeline": <name>}`` and returns the run handle; ``finish`` takes ``inputs =
+    {"states": {task: state}}``; any other step runs whole, its plan (``plan``) or one
+    ``part``, with ``inputs`` as its keyword inputs."""
+    if step == "start":
+        return start(params, run["run_id"], pipeline=run.get("pipeline", PIPELINE))
+    if step == "finish":
+        return finish(params, run, dict(inputs.get("states") or {}))
+    if plan and part is not None:
+        raise ValueError("tessera task takes --plan or --part, not both")
+    if plan:
+        return plan_task(step, params, run, **inputs)
+    if part is not None:
+        return part_task(step, params, run, part, **inputs)
+    return run_task(step, params, run, **inputs)

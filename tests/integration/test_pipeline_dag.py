@@ -312,6 +312,28 @@ def test_rerun_same_run_is_a_no_op(pipeline_run, monkeypatch):
     assert again == summary["ingest"]
 
 
+def test_the_whole_dag_rerun_under_the_run_name_reuses_every_step(pipeline_run, mlflow_server):
+    """``tessera run --run-name ID`` (what ``make demo`` does on a second call): a new DAG run
+    that keeps the committed steps of run ID, opens no new MLflow runs and registers nothing
+    new."""
+    import time
+
+    home, summary, _ = pipeline_run
+    before = mlflow_runs(mlflow_server.url, summary["run_id"])["steps"]
+    started = time.monotonic()
+    proc = tessera_run(home, mlflow_server.url, "--run-name", summary["run_id"])
+    print(f"re-run of the whole tiny DAG under its run name: {time.monotonic() - started:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    again = json.loads((home / "store" / "latest" / "pipeline.json").read_text())
+    assert again["run_id"] == summary["run_id"] and again["status"] == "FINISHED"
+    for step in STEPS:
+        assert again[step] == summary[step], step  # the same committed outputs, not new ones
+    after = mlflow_runs(mlflow_server.url, summary["run_id"])["steps"]
+    assert {k: r.info.run_id for k, r in after.items()} == {
+        k: r.info.run_id for k, r in before.items()
+    }
+
+
 def test_a_failed_task_fails_the_run_and_says_why(mlflow_server, tmp_path):
     """The sweep's plan refuses a token budget below the largest clip before anything trains:
     the DAG run and the pipeline's parent run end FAILED, the tasks after it never run, and the

@@ -50,7 +50,7 @@ def test_the_corpus_is_the_source_or_this_runs_demo_data(tessera_home):
 
 
 def test_a_task_with_nothing_to_do_is_skipped():
-    from airflow.exceptions import AirflowSkipException
+    from airflow.sdk.exceptions import AirflowSkipException
 
     with pytest.raises(AirflowSkipException, match="params.source is set"):
         tasks.skip("params.source is set: its files are ingested instead of the demo corpus")
