@@ -21,7 +21,8 @@ DOC = """
 `start` opens the run's MLflow parent run. Raw videos come from **source** (a directory, glob or
 `s3://` prefix); with no source, `demo_data` renders the captioned demo corpus (and is skipped
 otherwise). `ingest` probes every file into a manifest (corrupt files quarantined with a
-reason), `validate` checks it with the Great Expectations suite (Data Docs logged to MLflow) and
+reason): `ingest_plan` cuts the sorted listing into shards, mapped over `ingest_shard`, and
+`ingest` merges them into one manifest, identical to a single pass; `validate` checks it with the Great Expectations suite (Data Docs logged to MLflow) and
 `version` commits it to DVC (one run at a time: pool `tessera_dvc`); the training steps read
 that versioned dataset and are tagged with its revision. `train_captioner` trains the video
 captioner (short and descriptive styles, and prompt expansion) on the captioned clips and reports
@@ -91,16 +92,38 @@ def tessera_pipeline():
 
     @task(
         trigger_rule="none_failed",
-        execution_timeout=timedelta(hours=6),
-        doc_md="Probe every raw file into a manifest; quarantine the rest with a reason.",
+        execution_timeout=timedelta(minutes=30),
+        doc_md="Cut the source's sorted listing into shards (`ingest.shard_size` files each).",
     )
-    def ingest(run: dict, params=None) -> dict:
+    def ingest_plan(run: dict, params=None) -> list:
         from components.orchestration import tasks
 
         raw = tasks.corpus(dict(params), run)
-        return tasks.run_task(
+        return tasks.plan_task(
             "ingest", dict(params), run, src=raw["clips"], captions=raw.get("captions")
         )
+
+    @task(
+        max_active_tis_per_dagrun=2,
+        execution_timeout=timedelta(hours=6),
+        doc_md="Probe one shard's files; quarantine the rest with a reason.",
+    )
+    def ingest_shard(run: dict, shard: dict, params=None) -> dict:
+        from components.orchestration import tasks
+
+        raw = tasks.corpus(dict(params), run)
+        return tasks.part_task(
+            "ingest", dict(params), run, shard, src=raw["clips"], captions=raw.get("captions")
+        )
+
+    @task(
+        execution_timeout=timedelta(hours=1),
+        doc_md="Merge the shards into one manifest + quarantine (duplicates across shards too).",
+    )
+    def ingest(run: dict, shards: list, params=None) -> dict:
+        from components.orchestration import tasks
+
+        return tasks.run_task("ingest", dict(params), run, parts=tasks.gather(shards))
 
     @task(
         execution_timeout=timedelta(hours=1),
@@ -140,8 +163,9 @@ def tessera_pipeline():
     run = dag_tasks.start()
     with TaskGroup("data", prefix_group_id=False, tooltip="raw videos to a versioned dataset"):
         demo = demo_data(run)
-        ingested = ingest(run)
-        demo >> ingested
+        planned = ingest_plan(run)
+        demo >> planned
+        ingested = ingest(run, ingest_shard.partial(run=run).expand(shard=planned))
         validated = validate(run, ingested)
         dataset = version(run, validated)
     ends = dag_tasks.model_groups(run, dataset, corpus_task="demo_data")

@@ -62,6 +62,12 @@ class IngestConfig:
     max_aspect: float = 8.0  # long side / short side
     row_group_size: int = 1024
     val_fraction: float = 0.1  # deterministic split by clip_id hash
+    # files per shard, the unit Airflow maps ingest over (1M files: 100 mapped tasks)
+    shard_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1:
+            raise ValueError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
 
 
 @dataclass(frozen=True)

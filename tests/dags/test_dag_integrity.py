@@ -152,8 +152,8 @@ def test_no_import_errors(dagbag):
 
 
 def test_a_task_is_named_after_its_step(dagbag):
-    parts = ["caption_plan", "caption_shard", "encode_plan", "encode_shard"]
-    parts += ["sweep_plan", "sweep_point"]
+    parts = ["ingest_plan", "ingest_shard", "caption_plan", "caption_shard", "encode_plan"]
+    parts += ["encode_shard", "sweep_plan", "sweep_point"]
     assert dagbag["tasks"] == sorted(["start", *STEPS, *parts, "finish"])
     from components.orchestration.tasks import spec
 
@@ -163,7 +163,8 @@ def test_a_task_is_named_after_its_step(dagbag):
 
 def test_pipeline_shape(dagbag):
     edges = {tuple(e) for e in dagbag["edges"]}
-    chain = ["start", "demo_data", "ingest", "validate", "version", "train_captioner"]
+    chain = ["start", "demo_data", "ingest_plan", "ingest_shard", "ingest", "validate"]
+    chain += ["version", "train_captioner"]
     chain += ["caption_plan", "caption_shard", "caption", "train_vae", "encode_shard", "encode"]
     chain += ["sweep_plan", "sweep_point", "sweep", "generate", "finish"]
     for edge in itertools.pairwise(chain):
@@ -173,7 +174,7 @@ def test_pipeline_shape(dagbag):
     assert ("caption", "encode_shard") in edges  # latents carry the re-captioned captions
     assert {("sweep", "evaluate"), ("train_evaluator", "evaluate")} <= edges
     assert ("version", "train_evaluator") in edges
-    assert dagbag["mapped"] == ["caption_shard", "encode_shard", "sweep_point"]
+    assert dagbag["mapped"] == ["caption_shard", "encode_shard", "ingest_shard", "sweep_point"]
     # every task reports to finish, directly or through its descendants
     assert {t for t, d in edges if d == "finish"} >= {"evaluate", "generate", "demo_data"}
     assert {("evaluate", "register"), ("train_captioner", "register")} <= edges
@@ -183,14 +184,15 @@ def test_pipeline_shape(dagbag):
 def test_finish_always_runs_and_closes_the_run(dagbag):
     assert dagbag["teardowns"] == ["finish"]
     assert dagbag["retries"]["finish"] == 0
-    assert dagbag["trigger_rules"]["ingest"] == "none_failed"  # runs when demo_data skipped
+    assert dagbag["trigger_rules"]["ingest_plan"] == "none_failed"  # runs when demo_data skipped
 
 
 def test_every_task_has_a_timeout_and_retries_on_purpose(dagbag):
     assert all(dagbag["timeouts"].values()), dagbag["timeouts"]
     assert dagbag["timeouts"]["sweep_point"] >= 24 * 3600 > dagbag["timeouts"]["validate"]
     # a misspelled default_args key would silently leave retries at 0
-    assert all(dagbag["retries"][t] == 2 for t in [*STEPS, "caption_shard", "sweep_point"])
+    mapped = ["ingest_shard", "caption_shard", "sweep_point"]
+    assert all(dagbag["retries"][t] == 2 for t in [*STEPS, *mapped])
 
 
 def test_dvc_and_training_runs_have_their_pools(dagbag):
@@ -219,7 +221,7 @@ def test_parsing_imports_no_ml_stack(dagbag):
 # --------------------------------------------------------------------------- groups, Assets, Params
 
 GROUPS = {
-    "data": ["demo_data", "ingest", "validate", "version"],
+    "data": ["demo_data", "ingest_plan", "ingest_shard", "ingest", "validate", "version"],
     "train": ["train_captioner", "caption_plan", "caption_shard", "caption", "train_vae"],
     "evaluation": ["generate", "evaluate"],
     "release": ["register", "promote"],

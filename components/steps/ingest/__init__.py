@@ -9,6 +9,16 @@ checked): a clip passes when it has a decodable video stream inside the ``ingest
 not a byte-for-byte copy of a clip already accepted; anything else gets a quarantine row with a
 reason from :data:`components.core.manifest.REASONS` and a message saying what to do.
 
+**In parts.** :func:`plan_shards` cuts the source's sorted listing into shards of
+``ingest.shard_size`` files without opening any: each shard is a span of URIs (``after < uri <=
+through``), so a part lists exactly its own files (S3 pages from ``StartAfter``, list-file
+entries stat'ed only in the span) and spans planned together cover every file once, even if the
+source changed since. :func:`ingest_shard` probes one shard into its own tables (one committed
+part; Airflow maps it), and :func:`run` merges the shards in URI order into one manifest and
+one quarantine, deciding duplicates (across shards too) and joining captions there, by the same
+rules as one pass: the tables are byte-identical to a single pass's, which *is* the merge of one
+shard spanning the whole source. ``tessera ingest`` runs plan, parts and merge in one process.
+
 Determinism and memory: the listing is produced in URI order (local trees are walked so that
 the walk order *is* the string order of the paths; S3 lists keys in that order; globs and list
 files are sorted in memory), files are processed on a process pool with a bounded window of
@@ -21,12 +31,13 @@ Incremental re-runs: with ``previous`` (by default the latest committed ingest i
 files whose ``(uri, source_version)`` did not change are not fetched, hashed or probed again;
 their probe results are copied and the bounds, duplicate check, split and captions re-applied,
 so the output is the same as a fresh run. The previous tables are merge-joined in URI order
-alongside the listing (flat memory).
+alongside the listing (flat memory; each shard reads them up to the end of its span).
 
-Timings: ``hash_s`` / ``probe_s`` / ``fetch_s`` are summed over files (worker seconds), ``wall_s``
-is elapsed. Known limits: a file that crashes FFmpeg (segfault) breaks the pool and fails the
-step, a file that hangs the decoder hangs its worker (no per-file timeout yet), and list files
-of S3 URIs are stat'ed with one HEAD request per entry, serially.
+Timings: ``hash_s`` / ``probe_s`` / ``fetch_s`` are summed over files (worker seconds),
+``shards_wall_s`` over shards, ``wall_s`` is this call's elapsed time. Known limits: a file that
+crashes FFmpeg (segfault) breaks the pool and fails the step, a file that hangs the decoder
+hangs its worker (no per-file timeout yet), and list files of S3 URIs are stat'ed with one HEAD
+request per entry, serially (per shard: shards run in parallel).
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import dataclasses
 import heapq
 import logging
 import os
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -50,7 +62,7 @@ from components.core import manifest as mf
 from components.core import runner, storage
 from components.core.config import TesseraConfig
 from components.core.runner import StepResult, StepSpec
-from components.steps.ingest.listing import Listed, list_source
+from components.steps.ingest.listing import Listed, Span, list_source, list_uris
 from components.steps.ingest.probe import (
     PROBE_FIELDS,
     bounds_violation,
@@ -72,6 +84,15 @@ INFLIGHT_PER_WORKER = 4  # futures in flight per worker: keeps workers busy, mem
 REUSABLE_REASONS = frozenset(
     {"zero_bytes", "not_media", "corrupt", "no_video_stream", "undecodable"}
 )
+# Reasons given to files that probed fine: one pass checks such a file for a duplicate first,
+# so the merge turns them into duplicates of a clip accepted in an earlier shard.
+BOUNDS_REASONS = frozenset({"too_short", "too_long", "resolution_out_of_bounds"})
+
+
+def duplicate_detail(sha256: str, first_uri: str) -> str:
+    return f"same sha256 {sha256[:12]}... as {first_uri}"
+
+
 # --------------------------------------------------------------------------- captions
 
 
@@ -210,7 +231,7 @@ def _open_previous(
     return Previous(manifest_path, quarantine_path, cfg.ingest.row_group_size)
 
 
-# --------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------- probing a listing
 
 
 class _TableWriter:
@@ -252,16 +273,9 @@ class _Job:
 class _Ingest:
     """Turns listed files into manifest and quarantine rows, in listing order."""
 
-    def __init__(
-        self,
-        cfg: TesseraConfig,
-        workdir: Path,
-        root: str | None,
-        captions: Captions | None,
-        previous: Previous | None,
-    ):
+    def __init__(self, cfg: TesseraConfig, workdir: Path, previous: Previous | None):
         self.bounds = cfg.ingest
-        self.root, self.captions, self.previous = root, captions, previous
+        self.previous = previous
         workers = cfg.ingest.workers if cfg.ingest.workers > 0 else os.cpu_count() or 1
         self.workers = workers
         self.max_in_flight = INFLIGHT_PER_WORKER * workers
@@ -336,10 +350,7 @@ class _Ingest:
         if reason is None:
             digest = bytes.fromhex(sha)
             if digest in self.accepted:
-                reason, detail = (
-                    "duplicate",
-                    f"same sha256 {sha[:12]}... as {self.accepted[digest]}",
-                )
+                reason, detail = "duplicate", duplicate_detail(sha, self.accepted[digest])
             else:
                 reason, detail = bounds_violation(outcome["probe"], self.bounds) or (None, None)
         if reason is not None:
@@ -347,9 +358,6 @@ class _Ingest:
             self._quarantine(entry, reason, message, nbytes, sha)
             return
         self.accepted[digest] = entry.uri
-        caption, short, source = (
-            self.captions.lookup(entry.uri, self.root) if self.captions else (None, None, None)
-        )
         self.manifest.add(
             {
                 "clip_id": sha,
@@ -357,9 +365,9 @@ class _Ingest:
                 "bytes": nbytes,
                 **outcome["probe"],
                 "split": split_of(sha, self.bounds.val_fraction),
-                "caption": caption,
-                "caption_source": source,
-                "short_caption": short,
+                "caption": None,  # joined when the shards are merged (:class:`_Merge`)
+                "caption_source": None,
+                "short_caption": None,
                 "source_version": entry.source_version,
                 "source_uri": entry.uri,
             }
@@ -388,8 +396,6 @@ class _Ingest:
 
     def _quarantine(self, entry: Listed, reason: str, message: str, nbytes, sha) -> None:
         self.reasons[reason] += 1
-        if sum(self.reasons.values()) <= MAX_PRINTED:
-            print(f"ingest: quarantined [{reason}] {message}")
         self.quarantine.add(
             {
                 "uri": entry.uri,
@@ -403,34 +409,23 @@ class _Ingest:
         )
 
 
-def run(
-    cfg: TesseraConfig,
-    workdir: Path,
-    src: str,
-    captions: str | None = None,
-    previous: str | None = None,
-) -> StepResult:
-    """Ingest every file under ``src`` into ``workdir/manifest.parquet`` + ``quarantine.parquet``.
+# --------------------------------------------------------------------------- one shard
 
-    Args:
-        src: local dir, glob, ``s3://bucket/prefix`` or list file (``@list.txt`` / ``*.txt``).
-        captions: URI of a captions Parquet (``path``, ``caption``, ``short_caption``,
-            ``caption_source``); files without a row get null captions.
-        previous: URI of an earlier ``manifest.parquet`` (its ``quarantine.parquet`` is read
-            from the same folder) whose unchanged files are not probed again. ``None``: the
-            latest committed ingest in the store, if any; ``""``: probe everything.
-    """
+
+def _ingest_span(
+    cfg: TesseraConfig, workdir: Path, src: str, span: Span, previous: str | None, desc: str
+) -> tuple[str | None, dict[str, Any], dict[str, float]]:
+    """Probe the files of ``src`` in ``span`` into ``workdir``'s two tables, deduplicated within
+    the span and without captions; (source root, counts, timings)."""
     from tqdm import tqdm
 
-    workdir = Path(workdir)
     started = time.perf_counter()
-    root, entries = list_source(src)
-    caption_index = Captions(captions) if captions else None
+    root, entries = list_source(src, span)
     with contextlib.ExitStack() as stack:
         prev = _open_previous(cfg, previous, stack)
-        ingest = _Ingest(cfg, workdir, root, caption_index, prev)
+        ingest = _Ingest(cfg, workdir, prev)
         stack.callback(ingest.close)
-        bar = stack.enter_context(tqdm(desc="ingest", unit="file", disable=None))
+        bar = stack.enter_context(tqdm(desc=desc, unit="file", disable=None))
         pending: deque[_Job] = deque()
         last_uri = None
         for entry in entries:
@@ -450,7 +445,6 @@ def run(
         while pending:
             ingest.finish(pending.popleft())
             bar.update()
-    wall_s = time.perf_counter() - started
 
     ingested, quarantined = ingest.manifest.rows, ingest.quarantine.rows
     if ingest.seen != ingested + quarantined:
@@ -458,13 +452,228 @@ def run(
             f"ingest lost track of files: seen {ingest.seen} != ingested {ingested} + "
             f"quarantined {quarantined}; this is a bug, please report it with the source listing"
         )
+    counts = {
+        "seen": ingest.seen,
+        "ingested": ingested,
+        "quarantined": quarantined,
+        "reused": ingest.reused,
+    }
+    timings = {
+        "probe_s": ingest.timings["probe_s"],
+        "hash_s": ingest.timings["hash_s"],
+        "fetch_s": ingest.timings["fetch_s"],
+        "bytes_read": float(ingest.bytes_read),
+        "wall_s": time.perf_counter() - started,
+    }
+    return root, counts, timings
+
+
+def plan_shards(
+    cfg: TesseraConfig, src: str, captions: str | None = None, **_: Any
+) -> list[dict[str, Any]]:
+    """Cut ``src``'s sorted listing into shards of ``ingest.shard_size`` files, opening none of them.
+
+    Returns ``[{"after": uri | None, "through": uri | None, "files": n}, ...]``: shard ``i``
+    holds the URIs ``after < uri <= through`` (``None``: unbounded), consecutive shards share a
+    boundary, and the first and last are open-ended, so together they cover every file of the
+    source once. ``files`` is the count when planned. An empty source is one empty shard.
+    Given ``captions`` are checked here, before any probing.
+    """
+    if captions:
+        Captions(captions)
+    size = cfg.ingest.shard_size
+    if size < 1:
+        raise ValueError(f"ingest shards need at least 1 file each, got {size}")
+    shards: list[dict[str, Any]] = []
+    after, count, last = None, 0, None
+    for uri in list_uris(src):
+        if count == size:
+            shards.append({"after": after, "through": last, "files": count})
+            after, count = last, 0
+        count, last = count + 1, uri
+    shards.append({"after": after, "through": None, "files": count})
+    return shards
+
+
+def _shard(
+    cfg: TesseraConfig,
+    workdir: Path,
+    part: dict[str, Any],
+    src: str,
+    captions: str | None,
+    previous: str | None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Ingest one shard into ``workdir``: (values, metrics) of the part."""
+    index = int(part.get("index", 0))
+    span = Span(part.get("after"), part.get("through"))
+    root, counts, timings = _ingest_span(cfg, workdir, src, span, previous, f"ingest {index}")
+    values = {"index": index, "src": src, "root": root, "captions": captions or None, **counts}
+    return values, {**{k: float(v) for k, v in counts.items()}, **timings}
+
+
+def ingest_shard(
+    cfg: TesseraConfig,
+    workdir: Path,
+    part: dict[str, Any],
+    src: str,
+    captions: str | None = None,
+    previous: str | None = None,
+) -> StepResult:
+    """Ingest the files of one planned shard (``part``) of ``src`` into its own tables.
+
+    Duplicates are decided within the shard only and captions are not joined yet: :func:`run`
+    does both over all shards (``captions`` and the source root travel in the outputs for it).
+    Args as :func:`run`.
+    """
+    values, metrics = _shard(cfg, Path(workdir), part, str(src), captions, previous)
+    planned = part.get("files")
+    print(
+        f"ingest shard {values['index']}: seen {values['seen']}"
+        f"{f' (planned {planned})' if planned is not None else ''} = ingested "
+        f"{values['ingested']} + quarantined {values['quarantined']} before the merge"
+    )
+    return StepResult(
+        files={"manifest": MANIFEST_FILE, "quarantine": QUARANTINE_FILE},
+        values=values,
+        metrics=metrics,
+    )
+
+
+# --------------------------------------------------------------------------- the merge
+
+
+def _table_rows(path: Path, kind: str, batch_rows: int) -> Iterator[tuple[str, str, dict]]:
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            yield row["uri"], kind, row
+
+
+class _Merge:
+    """Shards' rows, in URI order, into the step's two tables: a clip already accepted in an
+    earlier row becomes a duplicate of the first (as in one pass), captions are joined."""
+
+    def __init__(
+        self, cfg: TesseraConfig, workdir: Path, root: str | None, captions: Captions | None
+    ):
+        self.root, self.captions = root, captions
+        size = cfg.ingest.row_group_size
+        self.manifest = _TableWriter(workdir / MANIFEST_FILE, mf.MANIFEST_SCHEMA, size)
+        self.quarantine = _TableWriter(workdir / QUARANTINE_FILE, mf.QUARANTINE_SCHEMA, size)
+        self.accepted: dict[bytes, str] = {}  # sha256 digest -> first URI
+        self.reasons: Counter[str] = Counter()
+        self.seen = 0
+        self.last_uri: str | None = None
+
+    def add(self, kind: str, row: dict) -> None:
+        uri = row["uri"]
+        if self.last_uri is not None and uri <= self.last_uri:
+            raise ValueError(
+                f"ingest shards overlap or are out of order ({uri} after {self.last_uri}); "
+                "merge the parts of one plan, in their planned order"
+            )
+        self.last_uri = uri
+        self.seen += 1
+        if kind == "manifest":
+            first = self.accepted.get(bytes.fromhex(row["clip_id"]))
+            if first is not None:  # its original was accepted in an earlier shard
+                self._quarantine(
+                    {
+                        "uri": uri,
+                        "reason": "duplicate",
+                        "message": "",
+                        "bytes": row["bytes"],
+                        "sha256": row["clip_id"],
+                        "step": "ingest",
+                        "source_version": row["source_version"],
+                    },
+                    first,
+                )
+                return
+            self.accepted[bytes.fromhex(row["clip_id"])] = uri
+            if self.captions is not None:
+                caption, short, source = self.captions.lookup(uri, self.root)
+                row.update(caption=caption, short_caption=short, caption_source=source)
+            self.manifest.add(row)
+            return
+        first = None
+        if row["reason"] == "duplicate" or (row["reason"] in BOUNDS_REASONS and row["sha256"]):
+            first = self.accepted.get(bytes.fromhex(row["sha256"]))
+            if first is None and row["reason"] == "duplicate":
+                raise RuntimeError(
+                    f"{uri} was quarantined as a duplicate of a clip that no shard accepted; "
+                    "this is a bug, please report it with the source listing"
+                )
+        self._quarantine(row, first)
+
+    def _quarantine(self, row: dict, first: str | None) -> None:
+        if first is not None:
+            detail = duplicate_detail(row["sha256"], first)
+            row.update(
+                reason="duplicate", message=quarantine_message("duplicate", row["uri"], detail)
+            )
+        self.reasons[row["reason"]] += 1
+        if self.quarantine.rows < MAX_PRINTED:
+            print(f"ingest: quarantined [{row['reason']}] {row['message']}")
+        self.quarantine.add(row)
+
+    def close(self) -> None:
+        self.manifest.close()
+        self.quarantine.close()
+
+
+def _merge(
+    cfg: TesseraConfig,
+    workdir: Path,
+    parts: list[dict[str, Any]],
+    started: float,
+    caption_index: Captions | None = None,
+) -> StepResult:
+    """The shards' tables as the step's (see :class:`_Merge`), with its values and metrics."""
+    if not parts:
+        raise ValueError("ingest needs at least one shard to merge; plan the source first")
+    ordered = sorted(parts, key=lambda p: int(p["index"]))
+    sources = {(p["src"], p.get("root"), p.get("captions")) for p in ordered}
+    if len(sources) != 1:
+        raise ValueError(
+            f"ingest shards come from different sources or captions: {sorted(map(str, sources))}"
+            "; merge the parts of one plan"
+        )
+    ((src, root, captions),) = sources
+    if caption_index is None and captions:
+        caption_index = Captions(captions)
+    merge = _Merge(cfg, workdir, root, caption_index)
+    batch_rows = cfg.ingest.row_group_size
+    with contextlib.ExitStack() as stack:
+        stack.callback(merge.close)
+        for part in ordered:
+            with (
+                storage.local_copy(part["manifest"]) as manifest,
+                storage.local_copy(part["quarantine"]) as quarantine,
+            ):
+                rows = heapq.merge(
+                    _table_rows(manifest, "manifest", batch_rows),
+                    _table_rows(quarantine, "quarantine", batch_rows),
+                    key=lambda r: r[0],
+                )
+                for _, kind, row in rows:
+                    merge.add(kind, row)
+
+    ingested, quarantined = merge.manifest.rows, merge.quarantine.rows
+    seen = sum(int(p["seen"]) for p in ordered)
+    if not seen == merge.seen == ingested + quarantined:
+        raise RuntimeError(
+            f"ingest lost track of files: shards saw {seen}, their tables hold {merge.seen} = "
+            f"ingested {ingested} + quarantined {quarantined}; this is a bug, please report it"
+        )
     shown = quarantined - MAX_PRINTED
     if shown > 0:
         print(f"ingest: ... and {shown} more quarantined; see {QUARANTINE_FILE}")
-    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(ingest.reasons.items()))
+    reused = sum(int(p.get("reused", 0)) for p in ordered)
+    by_reason = ", ".join(f"{k} {v}" for k, v in sorted(merge.reasons.items()))
     print(
-        f"ingest: seen {ingest.seen} = ingested {ingested} + quarantined {quarantined}"
-        f"{f' ({by_reason})' if by_reason else ''}; reused {ingest.reused} from the previous run"
+        f"ingest: seen {seen} = ingested {ingested} + quarantined {quarantined}"
+        f"{f' ({by_reason})' if by_reason else ''} in {len(ordered)} shard(s); "
+        f"reused {reused} from the previous run"
     )
     if caption_index is not None and (unmatched := caption_index.unmatched()):
         print(
@@ -473,27 +682,76 @@ def run(
         )
 
     values = {
-        "seen": ingest.seen,
+        "seen": seen,
         "ingested": ingested,
         "quarantined": quarantined,
-        "duplicates": ingest.reasons["duplicate"],
-        "reused": ingest.reused,
+        "duplicates": merge.reasons["duplicate"],
+        "reused": reused,
     }
+    timing = Counter()
+    for part in ordered:
+        timing.update({k: float(v) for k, v in (part.get("metrics") or {}).items()})
+    shards_wall_s, bytes_read = timing["wall_s"], timing["bytes_read"]
     metrics = {
         **{k: float(v) for k, v in values.items()},
-        "probe_s": ingest.timings["probe_s"],
-        "hash_s": ingest.timings["hash_s"],
-        "fetch_s": ingest.timings["fetch_s"],
-        "wall_s": wall_s,
-        "mb_per_s": ingest.bytes_read / 1e6 / wall_s if wall_s > 0 else 0.0,
-        "clips_per_s": ingest.seen / wall_s if wall_s > 0 else 0.0,
+        "probe_s": timing["probe_s"],
+        "hash_s": timing["hash_s"],
+        "fetch_s": timing["fetch_s"],
+        "shards": float(len(ordered)),
+        "shards_wall_s": shards_wall_s,
+        "wall_s": time.perf_counter() - started,
+        "mb_per_s": bytes_read / 1e6 / shards_wall_s if shards_wall_s > 0 else 0.0,
+        "clips_per_s": seen / shards_wall_s if shards_wall_s > 0 else 0.0,
     }
     return StepResult(
         files={"manifest": MANIFEST_FILE, "quarantine": QUARANTINE_FILE},
-        values={**values, "reasons": dict(sorted(ingest.reasons.items()))},
+        values={**values, "reasons": dict(sorted(merge.reasons.items()))},
         metrics=metrics,
         artifacts=[QUARANTINE_FILE],
     )
 
 
-STEP = StepSpec("ingest", run)
+# --------------------------------------------------------------------------- the step
+
+
+def run(
+    cfg: TesseraConfig,
+    workdir: Path,
+    src: str | None = None,
+    captions: str | None = None,
+    previous: str | None = None,
+    parts: list[dict[str, Any]] | None = None,
+) -> StepResult:
+    """Ingest every file under ``src`` into ``workdir/manifest.parquet`` + ``quarantine.parquet``.
+
+    Args:
+        src: local dir, glob, ``s3://bucket/prefix`` or list file (``@list.txt`` / ``*.txt``).
+        captions: URI of a captions Parquet (``path``, ``caption``, ``short_caption``,
+            ``caption_source``); files without a row get null captions.
+        previous: URI of an earlier ``manifest.parquet`` (its ``quarantine.parquet`` is read
+            from the same folder) whose unchanged files are not probed again. ``None``: the
+            latest committed ingest in the store, if any; ``""``: probe everything.
+        parts: the outputs of the :func:`ingest_shard` parts of one :func:`plan_shards` plan,
+            merged into the step's tables (``src``, ``captions``, ``previous`` are then unused:
+            the parts carry what the merge needs). Without them, one pass over ``src``: a
+            single shard spanning the source, merged.
+    """
+    workdir = Path(workdir)
+    started = time.perf_counter()
+    if parts is not None:
+        return _merge(cfg, workdir, parts, started)
+    if src is None:
+        raise TypeError("ingest needs src (a dir, glob, s3:// prefix or list file) or parts")
+    caption_index = Captions(captions) if captions else None  # a bad table fails before probing
+    with tempfile.TemporaryDirectory(prefix="tessera-ingest-") as tmp:
+        values, metrics = _shard(cfg, Path(tmp), {"index": 0}, str(src), captions, previous)
+        shard = {
+            "manifest": str(Path(tmp) / MANIFEST_FILE),
+            "quarantine": str(Path(tmp) / QUARANTINE_FILE),
+            **values,
+            "metrics": metrics,
+        }  # what runner.run_part records for a part, with local paths
+        return _merge(cfg, workdir, [shard], started, caption_index)
+
+
+STEP = StepSpec("ingest", run, plan=plan_shards, part=ingest_shard)

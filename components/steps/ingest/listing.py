@@ -1,5 +1,9 @@
 """List a source (a directory, a glob, an S3 prefix or a list file) in URI order, with sizes
-and versions, and with listing problems (missing, unreadable) as entries rather than errors."""
+and versions, and with listing problems (missing, unreadable) as entries rather than errors.
+
+A :class:`Span` of URIs lists one shard of a source: only the files it holds are stat'ed (list
+files), listed (S3 pages from ``StartAfter``) or walked (directories outside it are pruned).
+"""
 
 from __future__ import annotations
 
@@ -34,30 +38,85 @@ class Listed:
         return f"{self.size}:{self.version}" if self.size is not None else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """The URIs ``after < uri <= through`` of a sorted listing (``None``: unbounded that side).
+
+    Spans that share their boundaries (one's ``through`` is the next one's ``after``) split any
+    listing, even one that changed since they were planned, into disjoint shards covering it.
+    """
+
+    after: str | None = None
+    through: str | None = None
+
+    def holds(self, uri: str) -> bool:
+        return not self.before(uri) and not self.past(uri)
+
+    def before(self, uri: str) -> bool:
+        return self.after is not None and uri <= self.after
+
+    def past(self, uri: str) -> bool:
+        return self.through is not None and uri > self.through
+
+    def holds_some_under(self, folder: str) -> bool:
+        """Whether any URI below ``folder`` (they all lie in ``[folder/, folder0)``) is held."""
+        return not self.past(folder + "/") and not self.before(folder + "0")
+
+
+EVERYTHING = Span()
+
+
 def _has_magic(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
-def list_source(src: str) -> tuple[str | None, Iterator[Listed]]:
-    """(root for relative caption paths, files sorted by URI) of a dir, glob, S3 prefix or list.
+def _list_file_source(src: str) -> str | None:
+    """The list file's URI when ``src`` names one (``@list.txt`` or an existing ``*.txt``)."""
+    if src.startswith("@"):
+        return src[1:]
+    if src.endswith(".txt") and storage.exists(src):
+        return src
+    return None
+
+
+def list_source(src: str, span: Span = EVERYTHING) -> tuple[str | None, Iterator[Listed]]:
+    """(root for relative caption paths, files sorted by URI) of a dir, glob, S3 prefix or list;
+    with ``span``, only the files in it.
 
     Raises :class:`storage.StorageNotFound` when ``src`` does not exist.
     """
-    src = str(src)
-    if src.startswith("@"):
-        return None, _list_file(src[1:])
-    if src.endswith(".txt") and storage.exists(src):
-        return None, _list_file(src)
+    root, entries = _list_source(str(src), span)
+    return root, _within(entries, span)
+
+
+def list_uris(src: str) -> Iterator[str]:
+    """The URIs :func:`list_source` lists, in order and once each, without stat'ing list-file
+    entries (what planning shards needs: no HEAD request per S3 entry, no file opened)."""
+    listed = _list_file_source(str(src))
+    if listed is not None:
+        yield from _list_file_uris(listed)
+        return
+    last = None
+    for entry in list_source(src)[1]:
+        if entry.uri != last:
+            yield entry.uri
+        last = entry.uri
+
+
+def _list_source(src: str, span: Span) -> tuple[str | None, Iterator[Listed]]:
+    listed = _list_file_source(src)
+    if listed is not None:
+        return None, _list_file(listed, span)
     if storage.is_s3(src):
         if _has_magic(src):
             base = src[: min(src.find(c) for c in "*?[" if c in src)].rsplit("/", 1)[0]
-            return base, (e for e in _list_s3(base) if fnmatch.fnmatchcase(e.uri, src))
-        return src.rstrip("/"), _list_s3(src)
+            return base, (e for e in _list_s3(base, span) if fnmatch.fnmatchcase(e.uri, src))
+        return src.rstrip("/"), _list_s3(src, span)
     if _has_magic(src):
-        return _glob_root(src), _list_glob(src)
+        return _glob_root(src), _list_glob(src, span)
     path = os.path.abspath(storage.local_path(src))
     if os.path.isdir(path):
-        return path, _walk_local(path)
+        return path, _walk_local(path, span=span)
     if os.path.isfile(path):
         return os.path.dirname(path), iter([_stat_local(path)])
     raise storage.StorageNotFound(
@@ -66,7 +125,18 @@ def list_source(src: str) -> tuple[str | None, Iterator[Listed]]:
     )
 
 
-def _walk_local(root: str, ancestors: frozenset = frozenset()) -> Iterator[Listed]:
+def _within(entries: Iterator[Listed], span: Span) -> Iterator[Listed]:
+    """The entries in ``span`` (the listers prune; this is exact), stopping past its end."""
+    for entry in entries:
+        if span.past(entry.uri):
+            return
+        if not span.before(entry.uri):
+            yield entry
+
+
+def _walk_local(
+    root: str, ancestors: frozenset = frozenset(), span: Span = EVERYTHING
+) -> Iterator[Listed]:
     """Files under ``root`` in URI order: siblings sorted with ``/`` after directory names.
 
     Unlike ``os.walk`` nothing is dropped silently: unlistable directories, broken links and
@@ -93,9 +163,12 @@ def _walk_local(root: str, ancestors: frozenset = frozenset()) -> Iterator[Liste
             is_dir = False
         keyed.append((entry.name + "/" if is_dir else entry.name, entry.path, is_dir))
     for _, path, is_dir in sorted(keyed):
+        if span.past(path + "/" if is_dir else path):
+            return  # siblings come in URI order: the rest lie past the span too
         if is_dir:
-            yield from _walk_local(path, ancestors)
-        else:
+            if span.holds_some_under(path):
+                yield from _walk_local(path, ancestors, span)
+        elif span.holds(path):
             yield _stat_local(path)
 
 
@@ -128,17 +201,46 @@ def _stat_s3(uri: str) -> Listed:
     return Listed(uri, head["ContentLength"], head["ETag"].strip('"'))
 
 
-def _list_s3(prefix: str) -> Iterator[Listed]:
+def _list_s3(prefix: str, span: Span = EVERYTHING) -> Iterator[Listed]:
     bucket, key = storage.split_s3(prefix)
     if key and not key.endswith("/"):
         single = _stat_s3(prefix)
         if single.problem is None:  # the URI names one object, not a prefix
             yield single
             return
-    for info in storage.list_objects(prefix):
+    for info in _s3_objects(prefix, span):
         if info.uri.endswith("/"):  # "folder" placeholders made by consoles hold no data
             continue
         yield Listed(info.uri, info.size, info.version)
+
+
+def _s3_objects(prefix: str, span: Span) -> Iterator[storage.ObjectInfo]:
+    """Objects under ``prefix`` in key order; a shard's listing starts after its ``after`` key
+    (S3 ``StartAfter``), so each shard pages through its own keys only."""
+    bucket, key = storage.split_s3(prefix)
+    start = storage.split_s3(span.after) if span.after and storage.is_s3(span.after) else None
+    if start is None or start[0] != bucket:
+        yield from storage.list_objects(prefix)
+        return
+    key = key.rstrip("/") + "/" if key else ""
+    if start[1] < key:  # the span starts before this prefix: nothing to skip
+        yield from storage.list_objects(prefix)
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    paginator = storage.s3_client().get_paginator("list_objects_v2")
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=key, StartAfter=start[1]):
+            for obj in page.get("Contents", []):
+                uri = f"s3://{bucket}/{obj['Key']}"
+                if span.past(uri):
+                    return
+                yield storage.ObjectInfo(uri, obj["Size"], obj["ETag"].strip('"'))
+    except (BotoCoreError, ClientError) as exc:
+        raise storage.StorageError(
+            f"cannot list {prefix} after {span.after}: {exc}; check the bucket, the "
+            "credentials and AWS_ENDPOINT_URL"
+        ) from exc
 
 
 def _glob_root(pattern: str) -> str:
@@ -147,16 +249,29 @@ def _glob_root(pattern: str) -> str:
     return os.path.abspath(os.path.join(*static)) if static else os.path.abspath(".")
 
 
-def _list_glob(pattern: str) -> Iterator[Listed]:
+def _list_glob(pattern: str, span: Span = EVERYTHING) -> Iterator[Listed]:
     entries: list[Listed] = []
     for match in glob.glob(pattern, recursive=True):
         path = os.path.abspath(match)
-        entries.extend(_walk_local(path) if os.path.isdir(path) else [_stat_local(path)])
+        if os.path.isdir(path):
+            if span.holds_some_under(path):
+                entries.extend(_walk_local(path, span=span))
+        elif span.holds(path):
+            entries.append(_stat_local(path))
     yield from sorted({e.uri: e for e in entries}.values(), key=lambda e: e.uri)
 
 
-def _list_file(uri: str) -> Iterator[Listed]:
-    """Entries of a list file; relative ones resolve against the list's own folder."""
+def _list_file(uri: str, span: Span = EVERYTHING) -> Iterator[Listed]:
+    """Entries of a list file in ``span``: only those are stat'ed (HEAD on S3)."""
+    for item in _list_file_uris(uri):
+        if span.past(item):
+            return
+        if not span.before(item):
+            yield _stat_s3(item) if storage.is_s3(item) else _stat_local(item)
+
+
+def _list_file_uris(uri: str) -> list[str]:
+    """Sorted, distinct URIs of a list file; relative ones resolve against its own folder."""
     base = uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
     uris = set()
     for line in storage.read_text(uri).splitlines():
@@ -169,5 +284,4 @@ def _list_file(uri: str) -> Iterator[Listed]:
             uris.add(storage.join(base, line))
         else:
             uris.add(os.path.abspath(os.path.join(base, str(storage.local_path(line)))))
-    for item in sorted(uris):
-        yield _stat_s3(item) if storage.is_s3(item) else _stat_local(item)
+    return sorted(uris)
