@@ -9,13 +9,17 @@ UV_VERSION := 0.13.9
 WEB_STAMP := node_modules/.tessera-installed
 CHROMIUM := /usr/bin/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
+PG_BIN := /usr/lib/postgresql/15/bin
+SYSTEM_PACKAGES := chromium chromium-driver postgresql docker-compose
+KFP_VENV := .venv-kfp
+KFP_STAMP := $(KFP_VENV)/.tessera-installed
 export TESSERA_HOME ?= $(CURDIR)/var
 export AIRFLOW_HOME ?= $(TESSERA_HOME)/airflow
 export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint mlflow-ui airflow-ui clean distclean lock browser
+.PHONY: setup demo test bench lint mlflow-ui airflow-ui clean distclean lock browser system kfp
 
 setup: $(STAMP) $(WEB_STAMP)
 
@@ -35,21 +39,36 @@ $(WEB_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Headless Chromium + chromedriver (Debian packages) for the tests that look at pages in a browser.
-browser:
-	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then exit 0; fi; \
-	command -v apt-get >/dev/null || { echo "need apt-get to install chromium + chromium-driver" \
-		"($(CHROMIUM), $(CHROMEDRIVER)); install them some other way"; exit 1; }; \
+# Debian packages the tests start for real: headless Chromium + chromedriver (pages in a browser),
+# PostgreSQL (MLflow's SQL backend, an ephemeral cluster per test run) and docker-compose (checks
+# infra/compose.yaml offline). Installed once with apt-get when one of them is missing.
+SYSTEM_BINS := $(CHROMIUM) $(CHROMEDRIVER) $(PG_BIN)/initdb $(PG_BIN)/postgres /usr/bin/docker-compose
+system:
+	@missing=; for f in $(SYSTEM_BINS); do [ -x $$f ] || missing="$$missing $$f"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	command -v apt-get >/dev/null || { echo "need apt-get to install $(SYSTEM_PACKAGES)" \
+		"(missing:$$missing); install them some other way"; exit 1; }; \
 	sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
-	echo "installing chromium + chromium-driver with apt-get"; \
+	echo "installing $(SYSTEM_PACKAGES) with apt-get (missing:$$missing)"; \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver && \
-	test -x $(CHROMEDRIVER)
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) && \
+	for f in $(SYSTEM_BINS); do [ -x $$f ] || { echo "still missing after apt-get: $$f"; exit 1; }; done
+
+browser: system
+
+# kfp pins kubernetes<31, the Airflow Kubernetes provider needs >=36: the Kubeflow twin of the DAG
+# compiles in its own small environment (dags/kubeflow/requirements.txt, exact pins).
+$(KFP_STAMP): dags/kubeflow/requirements.txt
+	test -x $(KFP_VENV)/bin/python || $(PYTHON) -m venv $(KFP_VENV)
+	$(KFP_VENV)/bin/pip install -q --disable-pip-version-check -r dags/kubeflow/requirements.txt
+	touch $@
+
+kfp: $(KFP_STAMP)
 
 demo: $(STAMP) $(WEB_STAMP)
 	$(BIN)/tessera demo
 
-test: $(STAMP) $(WEB_STAMP) browser lint
+test: $(STAMP) $(WEB_STAMP) $(KFP_STAMP) system lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -63,14 +82,14 @@ mlflow-ui: $(STAMP)
 	$(BIN)/tessera mlflow-server --foreground
 
 airflow-ui: $(STAMP) $(WEB_STAMP)
-	$(BIN)/airflow standalone
+	$(BIN)/tessera airflow-ui
 
 clean:
 	-$(BIN)/tessera mlflow-server --stop 2>/dev/null
 	rm -rf var .pytest_cache .ruff_cache
 
 distclean: clean
-	rm -rf $(VENV) *.egg-info node_modules
+	rm -rf $(VENV) $(KFP_VENV) *.egg-info node_modules
 
 # Re-resolve the exact versions after editing pyproject.toml's dependencies (needs the network).
 lock: $(STAMP)
