@@ -123,13 +123,24 @@ def _parse_time(module: str) -> bool:
     )
 
 
-@pytest.mark.parametrize("path", source_files("dags"), ids=lambda p: p.name)
+KUBEFLOW = REPO / "dags" / "kubeflow"
+AIRFLOW_DAGS = [p for p in source_files("dags") if KUBEFLOW not in p.parents]
+
+
+@pytest.mark.parametrize("path", AIRFLOW_DAGS, ids=lambda p: p.name)
 def test_dags_import_orchestration_inside_task_bodies_only(path):
     ours = [(m, node, top) for m, node, top in imports(path) if m.split(".")[0] in OURS]
     assert ours, "the DAG runs no step?"
     early = [m for m, _, top in ours if top and not _parse_time(m)]
     assert not early, f"our code is imported at DAG parse time: {early}"
     assert {m.split(".")[1] for m, _, _ in ours if m != "components"} == {"orchestration"}
+
+
+@pytest.mark.parametrize("path", source_files("dags/kubeflow"), ids=lambda p: p.name)
+def test_the_kubeflow_twin_imports_none_of_our_code(path):
+    """It compiles in its own environment (make kfp), where none of our packages is installed:
+    its containers call the `tessera` CLI instead."""
+    assert [m for m, _, _ in imports(path) if m.split(".")[0] in OURS] == []
 
 
 @pytest.mark.parametrize("module", PARSE_TIME)
