@@ -7,6 +7,7 @@ checkpoint: the scheduler's retry must resume from that checkpoint, not start ov
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -45,11 +46,9 @@ class Killer(threading.Thread):
                 for proc in psutil.process_iter(["pid", "cmdline"]):
                     cmdline = " ".join(proc.info["cmdline"] or [])
                     if ckpt_dir in cmdline and proc.pid != os.getpid():
-                        try:
+                        with contextlib.suppress(ProcessLookupError):  # it ended by itself
                             os.kill(proc.pid, signal.SIGKILL)
                             self.killed.append(proc.pid)
-                        except ProcessLookupError:
-                            pass
                 self.at_step = int(found[0].parent.name.split("-")[1])
                 return
             time.sleep(0.1)
