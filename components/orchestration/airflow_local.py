@@ -284,6 +284,10 @@ def serve_ui(port: int = 8080) -> None:
     services = AirflowServices(port=port)
     print(f"starting Airflow (api-server, scheduler, dag-processor, triggerer) in {services.home}")
     with services:
+        dags, errors = services.client().wait_for_dag_files()
+        print(f"DAGs loaded   {', '.join(dags)}")
+        for name, trace in errors.items():
+            print(f"import error  {name}:\n{trace}")
         print(f"Airflow UI    {services.url}")
         print(f"login         user {USER}, password {services.password()}")
         print(f"              (the simple auth manager's, in {services.home})")
@@ -344,6 +348,29 @@ class AirflowClient:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
+
+    def wait_for_dag_files(
+        self, folder: Path = DAGS_FOLDER, timeout_s: float = 300
+    ) -> tuple[list[str], dict[str, str]]:
+        """Wait until the dag-processor has parsed every ``*.py`` in ``folder`` (each file has a
+        DAG or an import error); returns the DAG ids and ``{file: stack trace}``."""
+        expected = {p.name for p in folder.glob("*.py")}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            dags = self.call("GET", "dags?limit=1000")["dags"]
+            errors = {
+                Path(e["filename"]).name: e["stack_trace"]
+                for e in self.call("GET", "importErrors?limit=1000")["import_errors"]
+            }
+            seen = {Path(d["fileloc"]).name for d in dags} | set(errors)
+            if expected <= seen:
+                return sorted(d["dag_id"] for d in dags), errors
+            if time.monotonic() > deadline:
+                raise DagRunFailed(
+                    f"the dag-processor has not parsed {sorted(expected - seen)} in {folder} "
+                    f"after {timeout_s:.0f}s; see its log, logs/services/dag-processor.log"
+                )
+            time.sleep(2)
 
     def trigger(self, dag_id: str, conf: dict[str, Any], run_id: str | None = None) -> str:
         """Unpause ``dag_id`` and trigger a run with ``conf``; returns the run id."""

@@ -51,14 +51,19 @@ def airflow_ui(tmp_path_factory):
         os.killpg(proc.pid, 9)
 
 
-def test_airflow_ui_prints_url_and_login(airflow_ui):
+def test_airflow_ui_prints_url_login_and_the_dags_it_loaded(airflow_ui):
     printed = airflow_ui["printed"]
     assert airflow_ui["url"] in printed
+    (loaded,) = [ln for ln in printed.splitlines() if ln.startswith("DAGs loaded")]
+    for dag_id in ("tessera_pipeline", "tessera_train", "tessera_promote", "recaption_ablation"):
+        assert dag_id in loaded
+    assert "import error" not in printed
     (line,) = [ln for ln in printed.splitlines() if ln.startswith("login")]
     assert "user tessera, password " in line and len(line.split("password ")[1]) >= 8
 
 
 def test_dag_list_shows_the_pipeline_after_login(airflow_ui):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -72,14 +77,22 @@ def test_dag_list_shows_the_pipeline_after_login(airflow_ui):
         user.send_keys("tessera")
         driver.find_element(By.NAME, "password").send_keys(password)
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        driver.get(airflow_ui["url"] + "/dags")
+        # the login page redirects to the UI with a token: navigating before that lands back on
+        # the dashboard once the redirect completes
+        wait.until(ec.staleness_of(user))
+        wait.until(lambda d: "/login" not in d.current_url)
         found = None
-        deadline = time.monotonic() + 180  # the dag-processor may still be parsing
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not found:
-            found = driver.find_elements(By.XPATH, "//a[contains(., 'tessera_pipeline')]")
-            if not found:
-                time.sleep(3)
-                driver.refresh()
+            driver.get(airflow_ui["url"] + "/dags")
+            try:
+                found = WebDriverWait(driver, 15).until(
+                    ec.presence_of_all_elements_located(
+                        (By.XPATH, "//a[contains(., 'tessera_pipeline')]")
+                    )
+                )
+            except TimeoutException:
+                found = None
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "airflow_dags.png"))
         assert found, driver.page_source[-3000:]
