@@ -54,7 +54,7 @@ def local_tree(uri: str, only: tuple[str, ...] = ()) -> Iterator[Path]:
         prefix = uri.rstrip("/") + "/"
         found = 0
         for obj in storage.list_objects(uri):
-            rel = obj.uri[len(prefix) :]
+            rel = storage.check_relative(obj.uri[len(prefix) :], f"S3 key under {uri}")
             if Path(rel).name == storage.SUCCESS or (only and rel.split("/")[0] not in only):
                 continue
             storage.download_file(obj.uri, Path(tmp) / rel)

@@ -25,6 +25,7 @@ come back (XCom-sized).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from components.core import storage
-from components.core.config import Environment, TesseraConfig
+from components.core.config import ConfigError, Environment, TesseraConfig
 
 OUTPUTS = "outputs.json"
 
@@ -76,6 +77,21 @@ class StepSpec:
         return self.name.replace("_", "-")
 
 
+# Airflow's own run id pattern (``[scheduler] allowed_run_id_pattern``), less a leading dot:
+# a run id names folders under the store, the checkpoints and MLflow runs.
+RUN_ID = re.compile(r"[A-Za-z0-9_~:+-][A-Za-z0-9_.~:+-]{0,249}")
+
+
+def check_run_id(run_id: str) -> str:
+    """``run_id`` when it is a safe folder name, else a ConfigError naming it and the rule."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise ConfigError(
+            f"invalid run id {run_id!r}: use 1-250 of letters, digits and _ . ~ : + - "
+            "(not starting with a dot), as Airflow's run ids do"
+        )
+    return run_id
+
+
 @dataclass(frozen=True)
 class RunContext:
     """Where a step runs: which pipeline run, and its MLflow parent run (if any)."""
@@ -84,6 +100,9 @@ class RunContext:
     pipeline: str = "cli"
     parent_run_id: str | None = None
     track: bool = True
+
+    def __post_init__(self) -> None:
+        check_run_id(self.run_id)
 
     @staticmethod
     def new(pipeline: str = "cli", track: bool = True) -> RunContext:

@@ -71,11 +71,36 @@ def split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def check_relative(rel: str, what: str = "path") -> str:
+    """``rel`` if it is a relative path that stays below where it is joined: no ``..``
+    segment, no absolute path, no NUL or backslash; otherwise a :class:`StorageError` naming it.
+
+    Every name that reaches the store through :func:`join` (run ids, step and part names, S3
+    keys turned into local paths, clip file names) goes through here, so none of them can
+    write or delete outside the folder it is joined to.
+    """
+    text = str(rel)
+    segments = text.strip("/").split("/")
+    if (
+        not text.strip("/")
+        or text.startswith("/")
+        or "\\" in text
+        or "\0" in text
+        or any(seg in ("", ".", "..") for seg in segments)
+    ):
+        raise StorageError(
+            f"refusing {what} {text!r}: it must be a relative path with no '.', '..' or empty "
+            "segments, backslashes or NUL (it would leave the folder it is joined to)"
+        )
+    return text
+
+
 def join(uri: str | Path, *parts: str) -> str:
-    """Join URI segments with '/' (local paths stay local paths)."""
+    """Join URI segments with '/' (local paths stay local paths); every part is checked by
+    :func:`check_relative`."""
     out = str(uri).rstrip("/")
     for part in parts:
-        out = f"{out}/{str(part).strip('/')}"
+        out = f"{out}/{check_relative(str(part).strip('/'), 'path segment')}"
     return out
 
 

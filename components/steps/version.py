@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -56,6 +57,8 @@ from components.core.runner import StepResult, StepSpec
 REMOTE_NAME = "tessera"
 DATA_DIR = "data"
 GIT_USER = ("tessera", "tessera@localhost")
+CLIP_ID = re.compile(r"[0-9a-f]{64}")  # ingest's sha256 of the clip's bytes
+EXTENSION = re.compile(r"(\.[a-z0-9]{1,10})?")
 
 
 class VersionError(RuntimeError):
@@ -321,7 +324,14 @@ def _clip_rows(table: pa.Table) -> list[dict[str, Any]]:
 def _clip_file(row: dict[str, Any]) -> str:
     """A clip's file name in the dataset: its sha256 and the extension it was ingested with
     (a versioned manifest's ``uri`` is an object without one)."""
-    return f"{row['clip_id']}{_extension(row['source_uri'] or row['uri'])}"
+    clip_id, ext = row["clip_id"], _extension(row["source_uri"] or row["uri"])
+    if not CLIP_ID.fullmatch(str(clip_id)) or not EXTENSION.fullmatch(ext):
+        raise VersionError(
+            f"refusing clip {clip_id!r} ({row['uri']}): a clip id is the sha256 of its bytes "
+            "(64 hex digits) and an extension, if any, a dot and up to 10 letters or digits; re-run "
+            "`tessera ingest` to rebuild the manifest rather than editing it"
+        )
+    return f"{clip_id}{ext}"
 
 
 def _extension(uri: str) -> str:
