@@ -768,6 +768,9 @@ class Environment:
     node_modules: Path | None = None  # TESSERA_NODE_MODULES: the Data Docs' npm assets elsewhere
     faults: str = ""  # TESSERA_FAULTS: failures on purpose (components.core.faults)
     expand_api_key: str | None = field(default=None, repr=False)  # TESSERA_EXPAND_API_KEY
+    # TESSERA_CHECKPOINT_KEY: signs checkpoint digests (HMAC-SHA256) so a disk writer without it
+    # cannot plant a checkpoint DeepSpeed would unpickle (components.core.trainer)
+    checkpoint_key: str | None = field(default=None, repr=False)
     # set by `tessera serve` for its server processes: the local model dir and its model config
     serving_model: str | None = None  # TESSERA_SERVING_MODEL
     serving_config: str | None = None  # TESSERA_SERVING_CONFIG (JSON)
@@ -789,6 +792,7 @@ class Environment:
             else None,
             faults=os.environ.get("TESSERA_FAULTS", ""),
             expand_api_key=os.environ.get("TESSERA_EXPAND_API_KEY") or None,
+            checkpoint_key=os.environ.get("TESSERA_CHECKPOINT_KEY") or None,
             serving_model=os.environ.get("TESSERA_SERVING_MODEL") or None,
             serving_config=os.environ.get("TESSERA_SERVING_CONFIG") or None,
         )

@@ -21,6 +21,8 @@ resumes from the latest one instead of starting over.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import importlib
 import json
 import math
@@ -649,7 +651,7 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:
-            (path / "COMPLETE").write_text(json.dumps(client_state, default=str))
+            seal_checkpoint(path, client_state)
             for old in self.checkpoints()[: -self.train.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
@@ -658,11 +660,21 @@ class Trainer:
         return path
 
     def resume(self) -> dict[str, Any] | None:
-        """Load the latest complete checkpoint, if any; returns its client state."""
-        found = self.checkpoints()
-        if not found:
+        """Load the latest checkpoint whose seal verifies (see :func:`verify_checkpoint`), if
+        any; returns its client state. A newer one that fails verification (half-written,
+        corrupt, tampered with) is skipped with a warning naming it and why: DeepSpeed never
+        unpickles a file the seal does not vouch for."""
+        path = None
+        for candidate in reversed(self.checkpoints()):
+            try:
+                verify_checkpoint(candidate)
+            except CheckpointRefused as exc:
+                print(f"warning: skipping checkpoint {candidate}: {exc}", file=sys.stderr)
+                continue
+            path = candidate
+            break
+        if path is None:
             return None
-        path = found[-1]
         tag, universal = self._resume_tag(path)
         config = self.engine._config  # DeepSpeed reads the universal switch at load time
         forced = config.load_universal_checkpoint
@@ -746,6 +758,86 @@ class Trainer:
                 else v.detach().cpu().clone()
                 for k, v in self.model.state_dict().items()
             }
+
+
+# --------------------------------------------------------------------------- checkpoint seals
+
+SEAL = "COMPLETE"
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint directory that must not be loaded; the message says why."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _signature(key: str, body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, default=str).encode()
+    return hmac.new(key.encode(), canonical, hashlib.sha256).hexdigest()
+
+
+def seal_checkpoint(path: Path, client_state: dict[str, Any]) -> None:
+    """Commit checkpoint ``path``: ``COMPLETE`` (written atomically, last) holds the client
+    state and the sha256 of every file in the directory, signed with ``TESSERA_CHECKPOINT_KEY``
+    (HMAC-SHA256) when it is set."""
+    files = {
+        p.relative_to(path).as_posix(): _sha256(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != SEAL
+    }
+    body = {**json.loads(json.dumps(client_state, default=str)), "files": files}
+    key = Environment.read().checkpoint_key
+    if key:
+        body["hmac"] = _signature(key, body)
+    tmp = path / f".{SEAL}.tmp"
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True))
+    os.replace(tmp, path / SEAL)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """The seal of checkpoint ``path`` once every file DeepSpeed or the trainer would read is
+    exactly the one sealed; a :class:`CheckpointRefused` otherwise. Nothing is unpickled here.
+
+    Refused: a missing or unreadable seal (a half-written checkpoint), a file missing, changed
+    or not listed (a planted ``*.pt`` is never loaded), and, when ``TESSERA_CHECKPOINT_KEY`` is
+    set, a seal without a valid signature.
+    """
+    try:
+        body = json.loads((path / SEAL).read_text())
+        files = body["files"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointRefused(
+            f"its seal {path / SEAL} is missing, half-written or from an older Tessera ({exc})"
+        ) from None
+    key = Environment.read().checkpoint_key
+    if key:
+        given = body.pop("hmac", None)
+        if not given or not hmac.compare_digest(given, _signature(key, body)):
+            raise CheckpointRefused(
+                "its seal is not signed with this TESSERA_CHECKPOINT_KEY (written elsewhere or "
+                "tampered with)"
+            )
+    present = {
+        p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != SEAL
+    }
+    present.discard(f".{SEAL}.tmp")
+    if unlisted := sorted(present - set(files)):
+        raise CheckpointRefused(f"it holds files its seal does not list: {unlisted[:5]}")
+    for rel, digest in sorted(files.items()):
+        file = path / rel
+        if not file.is_file():
+            raise CheckpointRefused(f"{rel} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointRefused(f"{rel} does not match its sealed sha256 (corrupt or replaced)")
+    return body
 
 
 def _universal_command(path: Path, universal: Path) -> str:

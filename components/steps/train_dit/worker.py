@@ -534,7 +534,10 @@ def _check_checkpoint_matches(checkpoint_dir: Path, config: DiTConfig) -> None:
     done = sorted(checkpoint_dir.glob("step-*/COMPLETE"), key=lambda p: p.parent.name)
     if not done:
         return
-    saved = json.loads(done[-1].read_text()).get("dit_config")
+    try:
+        saved = json.loads(done[-1].read_text()).get("dit_config")
+    except ValueError:  # a damaged seal: the trainer skips that checkpoint when it resumes
+        return
     if saved is not None and DiTConfig.from_dict(saved) != config:
         raise ValueError(
             f"{done[-1].parent} holds a checkpoint of another DiT ({saved}); this run builds "
