@@ -64,10 +64,16 @@ class IngestConfig:
     val_fraction: float = 0.1  # deterministic split by clip_id hash
     # files per shard, the unit Airflow maps ingest over (1M files: 100 mapped tasks)
     shard_size: int = 10_000
+    # seconds one file may take to fetch, hash and probe in its worker process; past it the
+    # worker is killed and the file quarantined (probe_timeout). 0: no bound, and with one
+    # worker the probing runs in-process
+    file_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.shard_size < 1:
             raise ValueError(f"ingest.shard_size must be >= 1, got {self.shard_size}")
+        if self.file_timeout_s < 0:
+            raise ValueError(f"ingest.file_timeout_s must be >= 0, got {self.file_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 A step calls :func:`check` at a named *site* (e.g. ``sweep.point.<key>``); when the environment
 names that site it raises :class:`InjectedFault` the first ``times`` calls (default 1), counted
 in ``$TESSERA_HOME/faults/`` so the count survives the process (an Airflow retry is a new one).
-Unset, :func:`check` reads one environment variable and returns.
+:func:`triggered` is the same test for faults that are not exceptions: ingest's
+``ingest.hang.<file name>`` and ``ingest.crash.<file name>`` make the worker probing that file
+hang or die as a decoder would. Unset, either reads one environment variable and returns.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ class InjectedFault(RuntimeError):
     """Raised at a site named in ``TESSERA_FAULTS``."""
 
 
-def check(site: str) -> None:
-    """Raise :class:`InjectedFault` if ``TESSERA_FAULTS`` names ``site`` and its count is not
-    used up yet."""
+def triggered(site: str) -> bool:
+    """True (and counted) if ``TESSERA_FAULTS`` names ``site`` and its count is not used up:
+    for faults other than an exception (a process that hangs or crashes)."""
     env = Environment.read()
     for item in filter(None, (s.strip() for s in env.faults.split(","))):
         name, _, times = item.partition(":")
@@ -28,9 +30,17 @@ def check(site: str) -> None:
         counter = env.home / "faults" / site
         done = int(counter.read_text()) if counter.exists() else 0
         if done >= int(times or 1):
-            return
+            return False
         counter.parent.mkdir(parents=True, exist_ok=True)
         counter.write_text(str(done + 1))
-        raise InjectedFault(
-            f"injected fault at {site} ({done + 1} of {int(times or 1)}; {ENV}={env.faults})"
-        )
+        return True
+    return False
+
+
+def check(site: str) -> None:
+    """Raise :class:`InjectedFault` if ``TESSERA_FAULTS`` names ``site`` and its count is not
+    used up yet."""
+    if triggered(site):
+        env = Environment.read()
+        counter = env.home / "faults" / site
+        raise InjectedFault(f"injected fault at {site} ({counter.read_text()}; {ENV}={env.faults})")

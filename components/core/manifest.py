@@ -76,6 +76,8 @@ REASONS = {
     "no_video_stream": "the container has no video stream (audio only?)",
     "undecodable": "the first frame cannot be decoded",
     "unsupported_codec": "the codec has no decoder in this build of FFmpeg",
+    "probe_timeout": "probing it did not finish within ingest.file_timeout_s (a decoder hang?)",
+    "probe_crashed": "probing it killed the worker process (FFmpeg crashed on it)",
     "too_short": "fewer frames or seconds than the profile allows",
     "too_long": "more frames or seconds than the profile allows",
     "resolution_out_of_bounds": "width, height or aspect ratio outside the profile's bounds",

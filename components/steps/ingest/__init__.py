@@ -34,10 +34,13 @@ so the output is the same as a fresh run. The previous tables are merge-joined i
 alongside the listing (flat memory; each shard reads them up to the end of its span).
 
 Timings: ``hash_s`` / ``probe_s`` / ``fetch_s`` are summed over files (worker seconds),
-``shards_wall_s`` over shards, ``wall_s`` is this call's elapsed time. Known limits: a file that
-crashes FFmpeg (segfault) breaks the pool and fails the step, a file that hangs the decoder
-hangs its worker (no per-file timeout yet), and list files of S3 URIs are stat'ed with one HEAD
-request per entry, serially (per shard: shards run in parallel).
+``shards_wall_s`` over shards, ``wall_s`` is this call's elapsed time.
+Bounded per file: probing runs in worker processes; a file that takes longer than
+``ingest.file_timeout_s`` has its worker killed and is quarantined (``probe_timeout``), and a
+file that crashes FFmpeg (the pool breaks) is found by probing each file that was in flight
+alone, then quarantined (``probe_crashed``); the rest are probed as usual. Known limit: list
+files of S3 URIs are stat'ed with one HEAD request per entry, serially (per shard: shards run
+in parallel).
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -278,6 +283,8 @@ class _Ingest:
         self.previous = previous
         workers = cfg.ingest.workers if cfg.ingest.workers > 0 else os.cpu_count() or 1
         self.workers = workers
+        self.timeout_s = cfg.ingest.file_timeout_s or None
+        self.in_process = workers == 1 and self.timeout_s is None
         self.max_in_flight = INFLIGHT_PER_WORKER * workers
         self._pool: ProcessPoolExecutor | None = None
         self.manifest = _TableWriter(
@@ -304,11 +311,18 @@ class _Ingest:
             job.outcome = {"reason": "zero_bytes", "detail": "0 bytes", "bytes": 0}
         elif hit is not None and self._reusable(hit, entry):
             job.previous = hit
-        elif self.workers > 1:
-            job.future = self.pool().submit(inspect_file, entry.uri)
-        else:
+        elif self.in_process:
             job.outcome = inspect_file(entry.uri)
+        else:
+            job.future = self._submit(entry.uri)
         return job
+
+    def _submit(self, uri: str) -> Future:
+        try:
+            return self.pool().submit(inspect_file, uri)
+        except BrokenProcessPool:  # a file in flight crashed it: finish() isolates that one
+            self._discard_pool()
+            return self.pool().submit(inspect_file, uri)
 
     @staticmethod
     def _reusable(hit: tuple[str, dict], entry: Listed) -> bool:
@@ -327,6 +341,53 @@ class _Ingest:
             )
         return self._pool
 
+    def _discard_pool(self, kill: bool = False) -> None:
+        """Drop the pool (killing its workers when one hangs); the next submit makes a new one."""
+        if self._pool is None:
+            return
+        if kill:
+            for proc in list(getattr(self._pool, "_processes", {}).values()):
+                proc.kill()
+        self._pool.shutdown(wait=True)  # a broken pool fails its futures with BrokenProcessPool
+        self._pool = None
+
+    def _outcome(self, job: _Job) -> dict[str, Any]:
+        """The job's result within ``file_timeout_s`` of it reaching the head of the queue
+        (the head is running: every earlier one has finished). A hung file gets its worker
+        killed; the others in flight are then probed again, alone."""
+        try:
+            return job.future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            self._discard_pool(kill=True)
+            return self._failed(job, "probe_timeout", self._timeout_detail())
+        except (BrokenProcessPool, CancelledError):
+            if self._pool is not None and getattr(self._pool, "_broken", False):
+                self._discard_pool()
+            return self._alone(job)
+
+    def _alone(self, job: _Job) -> dict[str, Any]:
+        """Probe one file in a pool of its own: whatever kills it was this file's doing."""
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            return pool.submit(inspect_file, job.entry.uri).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.kill()
+            return self._failed(job, "probe_timeout", self._timeout_detail())
+        except BrokenProcessPool:
+            return self._failed(job, "probe_crashed", "its worker process died while probing it")
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _timeout_detail(self) -> str:
+        return f"not done after {self.timeout_s:g} s (ingest.file_timeout_s); its worker was killed"
+
+    def _failed(self, job: _Job, reason: str, detail: str) -> dict[str, Any]:
+        log.warning("ingest: %s %s: %s", job.entry.uri, reason, detail)
+        return {"reason": reason, "detail": detail, "bytes": job.entry.size}
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -337,7 +398,7 @@ class _Ingest:
 
     def finish(self, job: _Job) -> None:
         entry = job.entry
-        outcome = job.outcome if job.future is None else job.future.result()
+        outcome = job.outcome if job.future is None else self._outcome(job)
         if job.previous is not None:
             outcome = self._from_previous(job.previous, entry)
         for key in ("fetch_s", "hash_s", "probe_s"):

@@ -8,14 +8,16 @@ as a quarantine reason from :data:`components.core.manifest.REASONS` and a detai
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import av
 
+from components.core import faults, storage
 from components.core import manifest as mf
-from components.core import storage
 from components.core.config import IngestConfig
 
 PROBE_PACKETS = 64  # packets tried before a video stream is declared undecodable
@@ -45,6 +47,10 @@ ADVICE = {
     "no_video_stream": "remove it from the source: audio-only files cannot train a video model",
     "undecodable": "re-encode it (`ffmpeg -i FILE -c:v libx264 fixed.mp4`) or drop it",
     "unsupported_codec": "re-encode it to H.264 (`ffmpeg -i FILE -c:v libx264 fixed.mp4`)",
+    "probe_timeout": "re-encode it (`ffmpeg -i FILE -c:v libx264 fixed.mp4`), or raise "
+    "ingest.file_timeout_s if the file is just huge and the machine slow",
+    "probe_crashed": "re-encode it (`ffmpeg -i FILE -c:v libx264 fixed.mp4`) or drop it; a "
+    "file that crashes FFmpeg is also worth reporting upstream",
     "too_short": "drop it, or lower ingest.min_frames / ingest.min_duration_s "
     "(--set ingest.min_frames=N)",
     "too_long": "split it into shorter clips, or raise ingest.max_frames / ingest.max_duration_s",
@@ -371,6 +377,11 @@ def inspect_file(uri: str) -> dict[str, Any]:
         "hash_s": 0.0,
         "probe_s": 0.0,
     }
+    name = uri.rsplit("/", 1)[-1]
+    if faults.triggered(f"ingest.hang.{name}"):  # drills of the per-file bound (ingest)
+        time.sleep(86400)
+    if faults.triggered(f"ingest.crash.{name}"):
+        os.kill(os.getpid(), signal.SIGSEGV)
     t0 = time.perf_counter()
     try:
         with storage.local_copy(uri) as path:

@@ -150,7 +150,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def make_cfg(tmp_path: Path, **ingest_overrides) -> TesseraConfig:
     """Defaults, in-process probing, and a store of its own (no latest ingest to reuse)."""
-    bounds = dataclasses.replace(IngestConfig(workers=1), **ingest_overrides)
+    bounds = dataclasses.replace(IngestConfig(workers=1, file_timeout_s=0), **ingest_overrides)
     return TesseraConfig(profile="test", store=str(tmp_path / "store"), ingest=bounds)
 
 
