@@ -152,7 +152,8 @@ def probe_file(path: str | Path) -> dict[str, Any]:
     Returns ``container`` (short format name, e.g. ``mp4``), ``codec``, ``width`` and ``height``
     in pixels *as displayed* (swapped for 90/270 degree rotation metadata), ``rotation``
     (degrees counter-clockwise, 0..359), ``fps`` (average; 0 for stills), ``num_frames``
-    (headers, or counted by demuxing when the headers have none: then ``frames_counted``),
+    (counted by demuxing; ``frames_counted`` when the headers had no count or a lower one, and
+    a file whose headers promise more frames than it holds is rejected as truncated),
     ``duration_s``, ``kind`` (``video`` | ``image``) and ``has_audio``. The first frame is
     always decoded, so a file that passes is known to decode.
     """
@@ -198,9 +199,16 @@ def _probe_open(container: Any, path: Path) -> dict[str, Any]:
     if kind == "image":
         num_frames, fps, duration_s, counted = 1, 0.0, 0.0, False
     else:
-        num_frames, counted = stream.frames, False
-        if num_frames <= 0:  # no count in the headers (Matroska, streams): demux and count
-            num_frames, counted = _count_frames(path, stream.index), True
+        # what the file holds, not what its headers promise: a cut upload keeps headers that
+        # count frames its data no longer has (AVI), and Matroska has no count at all
+        header, num_frames = stream.frames, _count_frames(path, stream.index)
+        if header > num_frames:
+            raise Rejected(
+                "corrupt",
+                f"truncated: the headers promise {header} frames but the file holds "
+                f"{num_frames}",
+            )
+        counted = header != num_frames
         duration_s = 0.0
         if stream.duration and stream.time_base:
             duration_s = float(stream.duration * stream.time_base)
