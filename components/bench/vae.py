@@ -219,6 +219,7 @@ def measure_peak_mb(
             cwd=Path(__file__).resolve().parents[2],
             capture_output=True,
             text=True,
+            timeout=1800,
         )
         if done.returncode != 0:
             raise RuntimeError(f"VAE memory subprocess {spec} failed:\n{done.stderr[-2000:]}")

@@ -130,11 +130,16 @@ class TrainConfig:
     # torch.compile of the model's blocks (components.core.compile): auto = where the device has
     # a compiler toolchain (a C++ compiler on CPU, Triton on CUDA); off = eager
     compile: Literal["auto", "on", "off"] = "auto"
+    # seconds the workers may print nothing before the launcher stops them as hung (a collective
+    # waiting on a dead rank, a stuck filesystem); progress lines come every log_every steps
+    stall_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch", "grad_accum", "num_processes", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stall_timeout_s <= 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         self.deepspeed_file()  # exists, parses, and leaves TrainConfig's keys to TrainConfig

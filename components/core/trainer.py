@@ -31,6 +31,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -127,7 +128,7 @@ def run_workers(
         **inputs,
     )
     log_path = Path(checkpoint_dir) / log_name
-    launch(entry, payload, train.num_processes, log_path)
+    launch(entry, payload, train.num_processes, log_path, stall_timeout_s=train.stall_timeout_s)
     shutil.copyfile(log_path, Path(workdir) / log_name)
     return json.loads(Path(payload["result"]).read_text())
 
@@ -155,11 +156,15 @@ def launch(
     log_path: Path,
     *,
     launcher: str = "torchrun",
+    stall_timeout_s: float = 1800.0,
 ) -> None:
     """Run ``entry`` (``"module:function"``) in ``num_processes`` DeepSpeed processes.
 
     The payload is written next to the log as JSON and passed to every process. Output of all
     ranks goes to ``log_path``; a non-zero exit raises :class:`TrainingFailed` with its tail.
+    Workers that print nothing for ``stall_timeout_s`` (``train.stall_timeout_s``) are stopped
+    (SIGTERM to the launcher, which forwards it; SIGKILL 30 s later) and the failure says they
+    hung; a retry resumes from the last checkpoint.
 
     ``launcher``: ``torchrun`` (the default) or DeepSpeed's ``deepspeed`` launcher. Both work
     on this CPU-only machine with 1-2 gloo processes (DeepSpeed's CPU accelerator: ``deepspeed
@@ -195,19 +200,51 @@ def launch(
     env.update(cache_env(Environment.read().home))
     with log_path.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        last_output = [time.monotonic()]
+        stalled = threading.Event()
+        watchdog = threading.Thread(
+            target=_watch, args=(proc, last_output, stall_timeout_s, stalled), daemon=True
+        )
+        watchdog.start()
         for line in proc.stdout:  # everything to the log; progress lines also to our stdout
+            last_output[0] = time.monotonic()
             log.write(line)
             log.flush()
             if line.startswith(PROGRESS_PREFIXES):
                 sys.stdout.write(line.decode(errors="replace"))
                 sys.stdout.flush()
         proc.wait()
+        watchdog.join()
+    if stalled.is_set():
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise TrainingFailed(
+            f"{entry} printed nothing for {stall_timeout_s:g} s (train.stall_timeout_s) on "
+            f"{num_processes} process(es) and was stopped as hung (a collective waiting on a "
+            f"dead rank? a stuck filesystem?); a retry resumes from its last checkpoint; full "
+            f"log: {log_path}\n{tail}"
+        )
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise TrainingFailed(
             f"{entry} failed with exit code {proc.returncode} on {num_processes} process(es); "
             f"full log: {log_path}\n{tail}"
         )
+
+
+def _watch(
+    proc: subprocess.Popen, last_output: list[float], timeout_s: float, stalled: threading.Event
+) -> None:
+    """Stop ``proc`` once it has been silent for ``timeout_s``; returns when it exits."""
+    while proc.poll() is None:
+        if time.monotonic() - last_output[0] > timeout_s:
+            stalled.set()
+            proc.terminate()  # torchrun / deepspeed forward SIGTERM to their workers
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            return
+        time.sleep(min(1.0, timeout_s / 10))
 
 
 def _free_port() -> int:

@@ -69,7 +69,9 @@ def airflow_env() -> dict[str, str]:
 
 def _airflow(*args: str) -> None:
     airflow = Path(sys.executable).with_name("airflow")
-    proc = subprocess.run([str(airflow), *args], env=airflow_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(airflow), *args], env=airflow_env(), capture_output=True, text=True, timeout=600
+    )
     if proc.returncode != 0:
         raise DagRunFailed(f"`airflow {' '.join(args)}` failed:\n{proc.stderr[-3000:]}")
 

@@ -57,6 +57,7 @@ from components.core.runner import StepResult, StepSpec
 REMOTE_NAME = "tessera"
 DATA_DIR = "data"
 GIT_USER = ("tessera", "tessera@localhost")
+GIT_TIMEOUT_S = 300  # one local git command; a hang (a lock, a credential prompt) stops here
 CLIP_ID = re.compile(r"[0-9a-f]{64}")  # ingest's sha256 of the clip's bytes
 EXTENSION = re.compile(r"(\.[a-z0-9]{1,10})?")
 
@@ -344,7 +345,13 @@ def _git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _call(cmd: list[str], cwd: Path, check: bool) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise VersionError(
+            f"`{' '.join(cmd)}` did not finish within {GIT_TIMEOUT_S} s in {cwd} and was "
+            "stopped; is another git process holding the repository's lock (.git/index.lock)?"
+        ) from None
     if check and proc.returncode:
         output = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
         raise VersionError(

@@ -81,3 +81,11 @@ def environment(payload: dict) -> None:
     import os
 
     Path(payload["out"]).write_text(json.dumps({n: os.environ.get(n) for n in payload["names"]}))
+
+
+def hang(payload: dict) -> None:
+    """A worker that stops making progress: one line, then silence (a stuck collective)."""
+    import time
+
+    print("hang: started", flush=True)
+    time.sleep(3600)

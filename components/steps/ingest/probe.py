@@ -205,8 +205,7 @@ def _probe_open(container: Any, path: Path) -> dict[str, Any]:
         if header > num_frames:
             raise Rejected(
                 "corrupt",
-                f"truncated: the headers promise {header} frames but the file holds "
-                f"{num_frames}",
+                f"truncated: the headers promise {header} frames but the file holds {num_frames}",
             )
         counted = header != num_frames
         duration_s = 0.0
