@@ -335,8 +335,6 @@ class MlflowServer:
             "-m",
             "mlflow",
             "server",
-            "--backend-store-uri",
-            self.backend_store_uri,
             "--default-artifact-root",
             self.artifact_root,
             "--no-serve-artifacts",
@@ -369,6 +367,8 @@ class MlflowServer:
                     f"`mlflow db upgrade` of the backend store failed (exit {proc.returncode}):\n"
                     f"{proc.stderr[-2000:]}"
                 )
+        # the backend URI may hold the database password: in the environment, not argv (ps)
+        env["MLFLOW_BACKEND_STORE_URI"] = self.backend_store_uri
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,10 @@ from tests.testing_utils.services import MotoS3Server, PostgresCluster, free_por
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
 BUCKET = "tessera-team"
+PLANTED = {
+    name: f"planted-{name.lower()}-{secrets.token_hex(8)}"
+    for name in ("TESSERA_EXPAND_API_KEY", "TESSERA_CHECKPOINT_KEY", "MLFLOW_TRACKING_TOKEN")
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,7 @@ def s3_run(services, tmp_path_factory):
     env = {**os.environ, **services["s3"].env(), "TESSERA_HOME": str(home)}
     env["MLFLOW_TRACKING_URI"] = services["mlflow"].url
     env.pop("AIRFLOW_HOME", None)
+    env |= PLANTED  # every other credential variable holds a secret too
     store = f"s3://{BUCKET}/store"
     settings = [f"store={store}", f"version.remote=s3://{BUCKET}/dvc"]
     cmd = [TESSERA, "run", "-p", "tiny"] + [a for s in settings for a in ("--set", s)]
@@ -138,3 +144,37 @@ print(json.dumps({"rows": len(out), "artifacts": where}))
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded["rows"] == 1
     assert loaded["artifacts"].startswith(f"s3://{BUCKET}/mlflow/"), loaded
+
+
+def test_planted_secrets_appear_nowhere(services, s3_run):
+    """The database password, the S3 secret key and every Tessera / MLflow credential variable
+    hold planted values; none of them is in the run's output, any file under TESSERA_HOME or
+    the services' logs, any object in the bucket (store, DVC remote, MLflow artifacts) or any
+    row of MLflow's database (params, tags, metrics, model versions)."""
+    import sqlalchemy
+
+    planted = [services["postgres"].password, services["s3"].secret_key, *PLANTED.values()]
+    places: dict[str, bytes] = {"run output": s3_run["output"].encode()}
+    for root in (s3_run["home"], services["mlflow"].home, services["s3"].root):
+        for path in Path(root).rglob("*"):
+            if path.is_file():
+                places[str(path)] = path.read_bytes()
+    places["postgres log"] = services["postgres"].log.read_bytes()
+    client = s3_client(services)
+    for key in keys(services, ""):
+        places[f"s3://{BUCKET}/{key}"] = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    engine = sqlalchemy.create_engine(services["backend"])
+    with engine.connect() as conn:
+        for table in sqlalchemy.inspect(conn).get_table_names():
+            rows = conn.execute(sqlalchemy.text(f'SELECT * FROM "{table}"')).fetchall()
+            places[f"postgres table {table}"] = repr(rows).encode()
+    engine.dispose()
+    assert len(places) > 100 and any(k.startswith("postgres table") for k in places)
+    found = [
+        (where, secret[:12] + "...")
+        for where, data in places.items()
+        for secret in planted
+        if secret.encode() in data
+    ]
+    print(f"planted secrets: {len(planted)}, places searched: {len(places)}, found: {len(found)}")
+    assert found == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -69,9 +70,9 @@ class PostgresCluster:
     """
 
     user = "tessera"
-    password = "tessera-test"
 
     def __init__(self) -> None:
+        self.password = f"planted-pg-{secrets.token_hex(8)}"  # tests grep for it: never logged
         for tool in ("initdb", "postgres", "pg_isready"):
             if not (PG_BIN / tool).is_file():
                 raise ServiceMissing(
@@ -158,6 +159,7 @@ class MotoS3Server:
         self.root = Path(tempfile.mkdtemp(prefix="tessera-moto-"))
         self.log = self.root / "moto.log"
         self._proc: subprocess.Popen | None = None
+        self.secret_key = f"planted-aws-{secrets.token_hex(8)}"  # tests grep for it
 
     def _healthy(self) -> bool:
         try:
@@ -185,7 +187,7 @@ class MotoS3Server:
             "AWS_ENDPOINT_URL": self.url,
             "MLFLOW_S3_ENDPOINT_URL": self.url,
             "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,  # moto checks no signatures
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
