@@ -24,7 +24,9 @@ come back (XCom-sized).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import secrets
 import time
@@ -236,6 +238,37 @@ def _transaction(
     and the step over them logs those as ``part/<metric>`` series (MLflow step = part index).
     ``seconds`` in the outputs is the transaction's wall time; a step over parts also records
     ``parts_seconds``, the sum of its parts' (they may have run in parallel)."""
+    try:
+        return _staged(out, name, cfg, ctx, fn, inputs, track, parts, keep_metrics)
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        raise storage.StorageError(
+            f"step {name}: writing its output {out} failed: {exc}. Nothing was committed (the "
+            "staging folder is removed); free space, or move the store (--set store=…, "
+            "TESSERA_HOME), then re-run: committed steps are reused"
+        ) from exc
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _disk_full(exc: OSError) -> bool:
+    """No space, a quota or a file-size limit (pyarrow reports the errno only in its text)."""
+    return exc.errno in DISK_FULL or any(os.strerror(n) in str(exc) for n in DISK_FULL)
+
+
+def _staged(
+    out: str,
+    name: str,
+    cfg: TesseraConfig,
+    ctx: RunContext,
+    fn: Callable[..., StepResult],
+    inputs: dict[str, Any],
+    track: bool,
+    parts: list[dict[str, Any]] | None,
+    keep_metrics: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     with storage.staged_output(out) as workdir:
         mlflow_run_id = None
