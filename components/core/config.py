@@ -773,6 +773,7 @@ class Environment:
     aws_region: str | None
     aws_profile: str | None
     has_aws_keys: bool  # the keys themselves stay in the environment for boto3, never copied
+    aws_max_attempts: int = 8  # AWS_MAX_ATTEMPTS (botocore's name): tries per S3 request
     rank: int = 0  # set by torchrun / the deepspeed launcher in training processes
     world_size: int = 1
     local_rank: int = 0
@@ -795,6 +796,7 @@ class Environment:
             aws_region=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or None,
             aws_profile=os.environ.get("AWS_PROFILE") or None,
             has_aws_keys=bool(os.environ.get("AWS_ACCESS_KEY_ID")),
+            aws_max_attempts=int(os.environ.get("AWS_MAX_ATTEMPTS") or 8),
             rank=int(os.environ.get("RANK", "0")),
             world_size=int(os.environ.get("WORLD_SIZE", "1")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),

@@ -6,7 +6,7 @@ object; either way :func:`is_committed` tells a finished output from a crashed o
 
 S3 goes through boto3 with the endpoint from ``AWS_ENDPOINT_URL`` (MinIO, a loopback server),
 multipart transfers above a threshold, and botocore's standard retry mode (exponential backoff
-with jitter on throttling, 5xx and connection errors).
+with jitter on throttling, 5xx and connection errors; ``AWS_MAX_ATTEMPTS`` tries, default 8).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from components.core.config import Environment
 SUCCESS = "_SUCCESS"
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
-MAX_ATTEMPTS = 8
 
 
 class StorageError(RuntimeError):
@@ -108,12 +107,12 @@ def join(uri: str | Path, *parts: str) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _client(endpoint_url: str | None, region: str | None):
+def _client(endpoint_url: str | None, region: str | None, max_attempts: int):
     import boto3
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        retries={"max_attempts": max_attempts, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
         s3={"addressing_style": "path"} if endpoint_url else None,
@@ -125,7 +124,7 @@ def _client(endpoint_url: str | None, region: str | None):
 
 def s3_client():
     env = Environment.read()
-    return _client(env.aws_endpoint_url, env.aws_region)
+    return _client(env.aws_endpoint_url, env.aws_region, env.aws_max_attempts)
 
 
 def _transfer_config():
@@ -139,7 +138,9 @@ def _transfer_config():
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     """Turn botocore errors into messages that name the URI and the fix (never secrets)."""
+    from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
     from botocore.exceptions import (
+        BotoCoreError,
         ClientError,
         EndpointConnectionError,
         NoCredentialsError,
@@ -175,6 +176,12 @@ def _s3_errors(uri: str) -> Iterator[None]:
                 "on this bucket"
             ) from exc
         raise StorageError(f"S3 request for {uri} failed: {code or exc}") from exc
+    except (S3UploadFailedError, S3TransferFailedError, BotoCoreError) as exc:
+        # a transfer that ran out of retries (throttling, 5xx, dropped connections)
+        raise StorageError(
+            f"S3 request for {uri} failed after {Environment.read().aws_max_attempts} attempts "
+            f"(AWS_MAX_ATTEMPTS): {exc}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- reads / writes

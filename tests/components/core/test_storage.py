@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import http.client
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
 
 from components.core import storage
+from tests.testing_utils.s3_proxy import FaultyS3Proxy
 
 
 @pytest.fixture(params=["local", "file", "s3"])
@@ -125,7 +123,7 @@ def test_unreachable_endpoint(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setattr(storage, "MAX_ATTEMPTS", 2)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     storage._client.cache_clear()
     try:
         with pytest.raises(storage.StorageError, match="cannot reach S3"):
@@ -134,59 +132,14 @@ def test_unreachable_endpoint(monkeypatch):
         storage._client.cache_clear()
 
 
-class _FlakyProxy(http.server.ThreadingHTTPServer):
-    """Forwards to the S3 server but answers the first ``failures`` requests with 503 SlowDown."""
-
-    def __init__(self, upstream: str, failures: int) -> None:
-        self.upstream = upstream.removeprefix("http://")
-        self.failures = failures
-        self.seen = 0
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
-
-
-class _ProxyHandler(http.server.BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def _relay(self) -> None:
-        with self.server.lock:
-            self.server.seen += 1
-            fail = self.server.seen <= self.server.failures
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if fail:
-            payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            return
-        conn = http.client.HTTPConnection(self.server.upstream, timeout=30)
-        conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-        resp = conn.getresponse()
-        data = resp.read()
-        self.send_response(resp.status)
-        for key, value in resp.getheaders():
-            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
-
-
 def test_transient_503_is_retried(s3_env, s3_server, monkeypatch):
     bucket = s3_env
     storage.write_text(f"s3://{bucket}/k.txt", "survives")
-    proxy = _FlakyProxy(s3_server, failures=3)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
-    storage._client.cache_clear()
-    try:
-        assert storage.read_text(f"s3://{bucket}/k.txt") == "survives"
-        assert proxy.seen == 4  # three 503s, then the answer
-    finally:
-        proxy.shutdown()
+    with FaultyS3Proxy(s3_server, fail_first=3).running() as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         storage._client.cache_clear()
+        try:
+            assert storage.read_text(f"s3://{bucket}/k.txt") == "survives"
+            assert proxy.seen == 4  # three 503s, then the answer
+        finally:
+            storage._client.cache_clear()
