@@ -260,9 +260,35 @@ def step_run(
     Yields the active ``mlflow.ActiveRun``; params, tags and ``config.yaml`` are logged.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     setup()
     experiment_id = ensure_experiment(experiment_name(pipeline, cfg))
+    try:
+        with _step_run(experiment_id, cfg, step, run_id, parent_run_id, tags, part) as active:
+            yield active
+    except MlflowException as exc:
+        with contextlib.suppress(Exception):  # leave no active run behind in this process
+            mlflow.end_run(status="FAILED")
+        raise TrackingError(
+            f"MLflow at {mlflow.get_tracking_uri()} failed during step {step} of run {run_id}: "
+            f"{str(exc)[:500]}. Nothing of the step was committed; re-run it once the server "
+            "is back (its MLflow run is resumed, not duplicated)"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _step_run(
+    experiment_id: str,
+    cfg: TesseraConfig,
+    step: str,
+    run_id: str,
+    parent_run_id: str | None,
+    tags: dict[str, str] | None,
+    part: str | None,
+) -> Iterator[Any]:
+    import mlflow
+
     existing = find_run(experiment_id, run_id, step, part)
     resume_id = existing.info.run_id if existing and existing.info.status != "FINISHED" else None
     all_tags = standard_tags(cfg, run_id, step, **(tags or {}))
