@@ -772,20 +772,34 @@ def serve(
 def mlflow_server(
     port: int = 5000,
     host: Annotated[str, typer.Option(help="Bind address; loopback by default.")] = "127.0.0.1",
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            help="Allow a non-loopback --host: MLflow's server has no auth of its own; only "
+            "behind a proxy with TLS and auth (infra/README.md)."
+        ),
+    ] = False,
     foreground: Annotated[bool, typer.Option(help="Run in the foreground until Ctrl-C.")] = False,
     stop: Annotated[bool, typer.Option(help="Stop a background server on this port.")] = False,
 ) -> None:
     """Run a real MLflow tracking server + registry (SQLite under TESSERA_HOME)."""
     from components.core.config import Environment
-    from components.core.tracking import MlflowServer
+    from components.core.serving import LOOPBACK
+    from components.core.tracking import MlflowServer, TrackingError
 
+    if not (host in LOOPBACK or host.startswith("127.") or allow_remote):
+        raise TrackingError(
+            f"refusing to bind the MLflow server to {host}: it has no authentication, so it "
+            "listens on loopback by default; behind a reverse proxy with TLS and auth, pass "
+            "--allow-remote (infra/README.md)"
+        )
     server = MlflowServer(Environment.read().home, host=host, port=port)
     if stop:
         server.stop()
         typer.echo(f"stopped mlflow server on port {port}")
         return
     if foreground:
-        os.execv(sys.executable, server.command())
+        os.execve(sys.executable, server.command(), server.environment())
     server.start()
     typer.echo(f"MLflow at {server.url} (log {server.log_path})")
     typer.echo(f"export MLFLOW_TRACKING_URI={server.url}")

@@ -372,6 +372,15 @@ class MlflowServer:
             "1",
         ]
 
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, ``env``, and the backend URI (it may hold the
+        database password: in the environment, not in argv where ``ps`` shows it)."""
+        return {
+            **os.environ,
+            **(self.env or {}),
+            "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri,
+        }
+
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
@@ -384,7 +393,7 @@ class MlflowServer:
         if self.healthy():
             return self
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **(self.env or {})}
+        env = self.environment()
         if not self.backend_store_uri.startswith("sqlite:"):
             upgrade = [sys.executable, "-m", "mlflow", "db", "upgrade", self.backend_store_uri]
             proc = subprocess.run(upgrade, env=env, capture_output=True, text=True, timeout=300)
@@ -393,8 +402,6 @@ class MlflowServer:
                     f"`mlflow db upgrade` of the backend store failed (exit {proc.returncode}):\n"
                     f"{proc.stderr[-2000:]}"
                 )
-        # the backend URI may hold the database password: in the environment, not argv (ps)
-        env["MLFLOW_BACKEND_STORE_URI"] = self.backend_store_uri
         log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
