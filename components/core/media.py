@@ -44,6 +44,13 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 # --------------------------------------------------------------------------- reading
 
 
+# Decoding is bounded wherever a video is read: frames of at most MAX_DECODE_PIXELS (the
+# headers' size, checked before anything is decoded) and at most MAX_DECODE_BYTES of decoded
+# RGB per call; a caller wanting a whole long clip at native size gets a clear error, not an OOM.
+MAX_DECODE_PIXELS = 8192 * 8192
+MAX_DECODE_BYTES = 2 * 2**30
+
+
 def read_frames(
     uri: str | Path,
     *,
@@ -51,6 +58,8 @@ def read_frames(
     count: int | None = None,
     rotation: int = 0,
     size: tuple[int, int] | None = None,
+    max_pixels: int | None = None,
+    max_bytes: int = MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """Decode frames ``[start, start + count)`` of a video or image -> (T, H, W, 3) uint8.
 
@@ -58,6 +67,9 @@ def read_frames(
         uri: a local path or store URI (fetched to a temporary file when remote).
         rotation: counter-clockwise display rotation in degrees (the manifest's ``rotation``).
         size: ``(width, height)`` as displayed to resize to (area filter), or None for native.
+        max_pixels: without ``size``, downscale each frame as it is decoded (aspect kept) so
+            that width x height <= max_pixels: an 8K upload never exists at 8K in memory.
+        max_bytes: the most decoded RGB this call may hold; past it a ValueError says so.
     """
     frames = []
     with storage.local_copy(str(uri)) as path:
@@ -67,15 +79,38 @@ def read_frames(
                     raise ValueError(f"{uri} has no video stream")
                 stream = box.streams.video[0]
                 stream.codec_context.thread_count = 1  # the CPUs are shared; parallel per clip
+                declared = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
+                if declared > MAX_DECODE_PIXELS:
+                    raise ValueError(
+                        f"{uri} declares {stream.codec_context.width}x"
+                        f"{stream.codec_context.height} frames, more than the "
+                        f"{MAX_DECODE_PIXELS:,} pixels Tessera decodes; re-encode it smaller"
+                    )
                 turns = (rotation // 90) % 4
+                if size is None and max_pixels and declared > max_pixels:
+                    scale = math.sqrt(max_pixels / declared)
+                    size = (
+                        max(1, math.floor(stream.codec_context.width * scale)),
+                        max(1, math.floor(stream.codec_context.height * scale)),
+                    )
+                    if turns % 2:  # size is as displayed
+                        size = size[::-1]
                 width, height = size if size else (None, None)
                 if size and turns % 2:  # resize before rotating: stored the other way up
                     width, height = height, width
+                held = 0
                 for i, frame in enumerate(box.decode(stream)):
                     if i < start:
                         continue
                     if size:
                         frame = frame.reformat(width=width, height=height, interpolation="AREA")
+                    held += frame.width * frame.height * 3
+                    if held > max_bytes:
+                        raise ValueError(
+                            f"{uri}: decoding more than {max_bytes / 2**20:,.0f} MiB of frames "
+                            f"({len(frames)} of {frame.width}x{frame.height} so far); read "
+                            "fewer frames (count) or smaller ones (size / max_pixels)"
+                        )
                     frames.append(np.rot90(frame.to_ndarray(format="rgb24"), k=turns))
                     if count is not None and len(frames) >= count:
                         break
@@ -86,12 +121,21 @@ def read_frames(
     return np.ascontiguousarray(np.stack(frames))
 
 
-def load_video(uri: str | Path, max_frames: int | None = None) -> torch.Tensor:
+def load_video(
+    uri: str | Path, max_frames: int | None = None, max_pixels: int | None = None
+) -> torch.Tensor:
     """A video or image file (path or URI) -> (3, T, H, W) float32 in [-1, 1]; images have
     T = 1 and ``max_frames`` keeps only the first frames."""
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
-    return to_video(read_frames(uri, count=max_frames))
+    return to_video(read_frames(uri, count=max_frames, max_pixels=max_pixels))
+
+
+def frame_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of a local video or image's frames, from its headers."""
+    with av.open(str(path), metadata_errors="ignore") as box:
+        ctx = box.streams.video[0].codec_context
+        return int(ctx.width), int(ctx.height)
 
 
 def video_fps(path: str | Path) -> float | None:

@@ -61,9 +61,11 @@ def run(
     if not prompt or not prompt.strip():
         raise ValueError("edit needs a non-empty prompt")
     with storage.local_copy(input) as path:
-        video = media.load_video(path, max_frames=gcfg.max_frames)  # (3, T, H, W)
+        width, height = media.frame_size(path)
+        # downscaled as it decodes: a user's 8K clip is never held at 8K
+        video = media.load_video(path, max_frames=gcfg.max_frames, max_pixels=gcfg.max_pixels)
         fps = media.video_fps(path)
-    input_size = list(video.shape[1:])
+    input_size = [video.shape[1], height, width]
     video = fit_to_pixels(video, gcfg.max_pixels)
     with artifacts.model_dir(model) as directory:
         generator = artifacts.load_generator(cfg, directory)

@@ -52,3 +52,15 @@ def test_a_transient_crash_is_probed_again_alone_and_ingested(source, tmp_path, 
     cfg = make_cfg(tmp_path, workers=2, file_timeout_s=30)
     result = ingest_into(cfg, tmp_path / "out", source)
     assert result.values["ingested"] == 5 and result.values["quarantined"] == 0
+
+
+def test_reading_a_video_is_bounded_by_bytes_and_downscaled_as_it_decodes(tmp_path):
+    from components.core import media
+
+    clip = encode_video(tmp_path / "wide.mp4", 320, 180, frames=8)
+    small = media.read_frames(clip, max_pixels=80 * 45)
+    assert small.shape == (8, 45, 80, 3)  # aspect kept, never held at 320x180
+    frame = 320 * 180 * 3
+    with pytest.raises(ValueError, match=r"decoding more than .* MiB of frames \(3 of 320x180"):
+        media.read_frames(clip, max_bytes=3 * frame + 1)
+    assert len(media.read_frames(clip, count=3, max_bytes=3 * frame)) == 3
