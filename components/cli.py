@@ -485,8 +485,16 @@ def task(
         typer.Option(help="The run handle of `task start` (JSON); for start: {run_id, pipeline}."),
     ] = "{}",
     inputs: Annotated[
-        str, typer.Option(help="The step's inputs (JSON object); for finish: {states}.")
+        str,
+        typer.Option(help="The step's inputs (JSON object); for finish: {states} or {status}."),
     ] = "{}",
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="STEP is a DAG task id and this its upstream tasks' outputs by the task's "
+            "argument names (JSON object; a Kubeflow component)."
+        ),
+    ] = None,
     output: Annotated[
         Path, typer.Option(help="Where the JSON result goes (KubernetesPodOperator's XCom).")
     ] = Path("/airflow/xcom/return.json"),
@@ -503,6 +511,7 @@ def task(
         _json_option("--inputs", inputs, dict),
         plan=plan,
         part=None if part is None else _json_option("--part", part, dict),
+        upstream=None if upstream is None else _json_option("--upstream", upstream, dict),
     )
     text = json.dumps(result, sort_keys=True, default=str)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,7 @@ def tessera_pipeline():
 
         if params["source"]:
             tasks.skip("params.source is set: its files are ingested instead of the demo corpus")
-        return tasks.run_task("demo_data", dict(params), run)
+        return tasks.dag_task("demo_data", dict(params), run)
 
     @task(
         trigger_rule="none_failed",
@@ -98,10 +98,7 @@ def tessera_pipeline():
     def ingest_plan(run: dict, params=None) -> list:
         from components.orchestration import tasks
 
-        raw = tasks.corpus(dict(params), run)
-        return tasks.plan_task(
-            "ingest", dict(params), run, src=raw["clips"], captions=raw.get("captions")
-        )
+        return tasks.dag_task("ingest_plan", dict(params), run)
 
     @task(
         max_active_tis_per_dagrun=2,
@@ -111,10 +108,7 @@ def tessera_pipeline():
     def ingest_shard(run: dict, shard: dict, params=None) -> dict:
         from components.orchestration import tasks
 
-        raw = tasks.corpus(dict(params), run)
-        return tasks.part_task(
-            "ingest", dict(params), run, shard, src=raw["clips"], captions=raw.get("captions")
-        )
+        return tasks.dag_task("ingest_shard", dict(params), run, shard=shard)
 
     @task(
         execution_timeout=timedelta(hours=1),
@@ -123,7 +117,7 @@ def tessera_pipeline():
     def ingest(run: dict, shards: list, params=None) -> dict:
         from components.orchestration import tasks
 
-        return tasks.run_task("ingest", dict(params), run, parts=tasks.gather(shards))
+        return tasks.dag_task("ingest", dict(params), run, shards=shards)
 
     @task(
         execution_timeout=timedelta(hours=1),
@@ -132,13 +126,7 @@ def tessera_pipeline():
     def validate(run: dict, ingested: dict, params=None) -> dict:
         from components.orchestration import tasks
 
-        return tasks.run_task(
-            "validate",
-            dict(params),
-            run,
-            manifest=ingested["manifest"],
-            quarantine=ingested["quarantine"],
-        )
+        return tasks.dag_task("validate", dict(params), run, ingested=ingested)
 
     @task(
         pool=DVC_POOL,
@@ -149,10 +137,7 @@ def tessera_pipeline():
     def version(run: dict, validated: dict, params=None, outlet_events=None) -> dict:
         from components.orchestration import tasks
 
-        raw = tasks.corpus(dict(params), run)
-        versioned = tasks.run_task(
-            "version", dict(params), run, manifest=validated["manifest"], captions=raw["captions"]
-        )
+        versioned = tasks.dag_task("version", dict(params), run, validated=validated)
         outlet_events[DATASET].extra = {
             "run_id": run["run_id"],
             "manifest": versioned["manifest"],

@@ -127,23 +127,14 @@ def finish(dataset_task: str | None = None) -> Any:
 def train_captioner(run: dict, dataset: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    raw = tasks.corpus(dict(params), run, dataset)
-    return tasks.run_task(
-        "train_captioner",
-        dict(params),
-        run,
-        manifest=dataset["manifest"],
-        factors=raw.get("factors") or "",
-    )
+    return tasks.dag_task("train_captioner", dict(params), run, dataset=dataset)
 
 
 @task(execution_timeout=timedelta(minutes=10), doc_md="Plan the caption shards.")
 def caption_plan(run: dict, dataset: dict, captioner: dict, params=None) -> list:
     from components.orchestration import tasks
 
-    return tasks.plan_task(
-        "caption", dict(params), run, manifest=dataset["manifest"], captioner=captioner["captioner"]
-    )
+    return tasks.dag_task("caption_plan", dict(params), run, dataset=dataset, captioner=captioner)
 
 
 @task(
@@ -154,13 +145,8 @@ def caption_plan(run: dict, dataset: dict, captioner: dict, params=None) -> list
 def caption_shard(run: dict, dataset: dict, captioner: dict, shard: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.part_task(
-        "caption",
-        dict(params),
-        run,
-        shard,
-        manifest=dataset["manifest"],
-        captioner=captioner["captioner"],
+    return tasks.dag_task(
+        "caption_shard", dict(params), run, dataset=dataset, captioner=captioner, shard=shard
     )
 
 
@@ -168,21 +154,21 @@ def caption_shard(run: dict, dataset: dict, captioner: dict, shard: dict, params
 def caption(run: dict, shards: list, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("caption", dict(params), run, parts=tasks.gather(shards))
+    return tasks.dag_task("caption", dict(params), run, shards=shards)
 
 
 @task(execution_timeout=timedelta(hours=48), doc_md="Train the video VAE (DeepSpeed).")
 def train_vae(run: dict, dataset: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("train_vae", dict(params), run, manifest=dataset["manifest"])
+    return tasks.dag_task("train_vae", dict(params), run, dataset=dataset)
 
 
 @task(execution_timeout=timedelta(minutes=10), doc_md="Plan the encode shards.")
 def encode_plan(run: dict, dataset: dict, params=None) -> list:
     from components.orchestration import tasks
 
-    return tasks.plan_task("encode", dict(params), run, manifest=dataset["manifest"])
+    return tasks.dag_task("encode_plan", dict(params), run, dataset=dataset)
 
 
 @task(
@@ -195,14 +181,8 @@ def encode_shard(
 ) -> dict:
     from components.orchestration import tasks
 
-    return tasks.part_task(
-        "encode",
-        dict(params),
-        run,
-        shard,
-        manifest=dataset["manifest"],
-        vae=vae["vae"],
-        captions=captions["captions"],
+    return tasks.dag_task(
+        "encode_shard", dict(params), run, dataset=dataset, vae=vae, captions=captions, shard=shard
     )
 
 
@@ -210,14 +190,14 @@ def encode_shard(
 def encode(run: dict, shards: list, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("encode", dict(params), run, parts=tasks.gather(shards))
+    return tasks.dag_task("encode", dict(params), run, shards=shards)
 
 
 @task(execution_timeout=timedelta(minutes=30), doc_md="Plan the sweep's runs from FLOP counts.")
 def sweep_plan(run: dict, latents: dict, params=None) -> list:
     from components.orchestration import tasks
 
-    return tasks.plan_task("sweep", dict(params), run, latents=latents["latents"])
+    return tasks.dag_task("sweep_plan", dict(params), run, latents=latents)
 
 
 @task(
@@ -228,9 +208,7 @@ def sweep_plan(run: dict, latents: dict, params=None) -> list:
 def sweep_point(run: dict, latents: dict, vae: dict, point: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.part_task(
-        "sweep", dict(params), run, point, latents=latents["latents"], vae=vae["vae"]
-    )
+    return tasks.dag_task("sweep_point", dict(params), run, latents=latents, vae=vae, point=point)
 
 
 @task(execution_timeout=timedelta(minutes=10), doc_md="The sweep points' pod arguments.")
@@ -248,14 +226,14 @@ def sweep_point_args(run: dict, latents: dict, vae: dict, points: list, params=N
 def sweep(run: dict, points: list, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("sweep", dict(params), run, parts=tasks.gather(points))
+    return tasks.dag_task("sweep", dict(params), run, points=points)
 
 
 @task(execution_timeout=timedelta(hours=12), doc_md="Train the in-domain video-text evaluator.")
 def train_evaluator(run: dict, dataset: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("train_evaluator", dict(params), run, manifest=dataset["manifest"])
+    return tasks.dag_task("train_evaluator", dict(params), run, dataset=dataset)
 
 
 _POD_TASKS = {  # training task -> its Airflow arguments (the same in both modes)
@@ -355,23 +333,15 @@ def train_group(run: Any, dataset: Any, corpus_task: str) -> dict[str, Any]:
 def generate(run: dict, dit: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("generate", dict(params), run, model=dit["model"])
+    return tasks.dag_task("generate", dict(params), run, dit=dit)
 
 
 @task(execution_timeout=timedelta(hours=6), doc_md="FVD, CLIP score, recon; report.html.")
 def evaluate(run: dict, dataset: dict, dit: dict, evaluator: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    raw = tasks.corpus(dict(params), run, dataset)
-    demo = {k: raw[k] for k in ("clips", "captions", "factors") if raw.get("factors")}
-    return tasks.run_task(
-        "evaluate",
-        dict(params),
-        run,
-        manifest=dataset["manifest"],
-        model=dit["model"],
-        evaluator=evaluator["evaluator"],
-        **demo,
+    return tasks.dag_task(
+        "evaluate", dict(params), run, dataset=dataset, dit=dit, evaluator=evaluator
     )
 
 
@@ -405,15 +375,14 @@ def register(
 
     if not params["track"]:
         tasks.skip("params.track is false: the registry lives in MLflow, nothing to register")
-    registered = tasks.run_task(
+    registered = tasks.dag_task(
         "register",
         dict(params),
         run,
-        model=dit["model"],
-        evaluation=evaluated["result"],
-        evaluator=evaluator["evaluator"],
-        captioner=captioner["captioner"],
-        pairs=captioner.get("pairs") or "",
+        dit=dit,
+        evaluator=evaluator,
+        evaluated=evaluated,
+        captioner=captioner,
     )
     outlet_events[MODEL].extra = {
         "run_id": run["run_id"],
@@ -431,7 +400,7 @@ def register(
 def promote(run: dict, registered: dict, params=None) -> dict:
     from components.orchestration import tasks
 
-    return tasks.run_task("promote", dict(params), run, version=str(registered["model_version"]))
+    return tasks.dag_task("promote", dict(params), run, registered=registered)
 
 
 def release_group(run: Any, trained: dict[str, Any], evaluated: Any) -> dict[str, Any]:

@@ -130,6 +130,156 @@ def corpus(
     return outputs
 
 
+# --------------------------------------------------------------------------- DAG tasks by id
+
+Upstream = dict[str, Any]
+
+
+def _source(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    raw = corpus(params, run)
+    return {"src": raw["clips"], "captions": raw.get("captions")}
+
+
+def _gathered(name: str):
+    return lambda params, run, up: {"parts": gather(up[name])}
+
+
+def _manifest(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    return {"manifest": up["dataset"]["manifest"]}
+
+
+def _captioner(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    raw = corpus(params, run, up["dataset"])
+    return {"manifest": up["dataset"]["manifest"], "factors": raw.get("factors") or ""}
+
+
+def _caption(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    return {"manifest": up["dataset"]["manifest"], "captioner": up["captioner"]["captioner"]}
+
+
+def _encode(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    return {
+        "manifest": up["dataset"]["manifest"],
+        "vae": up["vae"]["vae"],
+        "captions": up["captions"]["captions"],
+    }
+
+
+def _evaluate(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    raw = corpus(params, run, up["dataset"])
+    demo = {k: raw[k] for k in ("clips", "captions", "factors") if raw.get("factors")}
+    return {
+        "manifest": up["dataset"]["manifest"],
+        "model": up["dit"]["model"],
+        "evaluator": up["evaluator"]["evaluator"],
+        **demo,
+    }
+
+
+def _register(params: dict, run: dict, up: Upstream) -> dict[str, Any]:
+    return {
+        "model": up["dit"]["model"],
+        "evaluation": up["evaluated"]["result"],
+        "evaluator": up["evaluator"]["evaluator"],
+        "captioner": up["captioner"]["captioner"],
+        "pairs": up["captioner"].get("pairs") or "",
+    }
+
+
+# task id -> (step, "run" | "plan" | "part", the upstream argument holding the part, inputs):
+# ``inputs(params, run, upstream)`` turns the upstream tasks' outputs, by the task's argument
+# names, into the step's keyword inputs. The Airflow task bodies and `tessera task --upstream`
+# (a Kubeflow component) both go through :func:`dag_task`, so they cannot drift apart.
+DAG_TASKS: dict[str, tuple[str, str, str | None, Any]] = {
+    "demo_data": ("demo_data", "run", None, lambda params, run, up: {}),
+    "ingest_plan": ("ingest", "plan", None, _source),
+    "ingest_shard": ("ingest", "part", "shard", _source),
+    "ingest": ("ingest", "run", None, _gathered("shards")),
+    "validate": (
+        "validate",
+        "run",
+        None,
+        lambda params, run, up: {
+            "manifest": up["ingested"]["manifest"],
+            "quarantine": up["ingested"]["quarantine"],
+        },
+    ),
+    "version": (
+        "version",
+        "run",
+        None,
+        lambda params, run, up: {
+            "manifest": up["validated"]["manifest"],
+            "captions": corpus(params, run)["captions"],
+        },
+    ),
+    "train_captioner": ("train_captioner", "run", None, _captioner),
+    "caption_plan": ("caption", "plan", None, _caption),
+    "caption_shard": ("caption", "part", "shard", _caption),
+    "caption": ("caption", "run", None, _gathered("shards")),
+    "train_vae": ("train_vae", "run", None, _manifest),
+    "encode_plan": ("encode", "plan", None, _manifest),
+    "encode_shard": ("encode", "part", "shard", _encode),
+    "encode": ("encode", "run", None, _gathered("shards")),
+    "sweep_plan": (
+        "sweep",
+        "plan",
+        None,
+        lambda params, run, up: {"latents": up["latents"]["latents"]},
+    ),
+    "sweep_point": (
+        "sweep",
+        "part",
+        "point",
+        lambda params, run, up: {"latents": up["latents"]["latents"], "vae": up["vae"]["vae"]},
+    ),
+    "sweep": ("sweep", "run", None, _gathered("points")),
+    "train_evaluator": ("train_evaluator", "run", None, _manifest),
+    "generate": ("generate", "run", None, lambda params, run, up: {"model": up["dit"]["model"]}),
+    "evaluate": ("evaluate", "run", None, _evaluate),
+    "register": ("register", "run", None, _register),
+    "promote": (
+        "promote",
+        "run",
+        None,
+        lambda params, run, up: {"version": str(up["registered"]["model_version"])},
+    ),
+}
+
+
+def dag_task(task_id: str, params: dict[str, Any], run: dict[str, Any], **upstream: Any) -> Any:
+    """Run DAG task ``task_id`` from its upstream tasks' outputs, keyed by the task's argument
+    names (a mapped task's part too: ``shard``, ``point``): the body of the Airflow task, and
+    what a Kubeflow component runs through ``tessera task TASK --upstream``."""
+    if task_id not in DAG_TASKS:
+        raise ValueError(f"no DAG task {task_id!r}; the tasks are {sorted(DAG_TASKS)}")
+    step, mode, part_arg, inputs = DAG_TASKS[task_id]
+    missing = sorted({part_arg} - set(upstream)) if part_arg else []
+    try:
+        kwargs = inputs(params, run, upstream)
+    except KeyError as exc:
+        missing.append(str(exc).strip("'"))
+    if missing:
+        raise ValueError(f"DAG task {task_id} needs upstream input(s) {missing}")
+    if mode == "plan":
+        return plan_task(step, params, run, **kwargs)
+    if mode == "part":
+        return part_task(step, params, run, upstream[part_arg], **kwargs)
+    return run_task(step, params, run, **kwargs)
+
+
+def kubeflow_states(status: Any) -> dict[str, str]:
+    """Task states for :func:`finish` from Kubeflow's final status of the pipeline (KFP hands
+    the exit task the pipeline's state, not each task's): every step ``success`` (the summary
+    keeps the committed ones), plus ``kubeflow: failed`` unless the pipeline SUCCEEDED."""
+    if isinstance(status, str):
+        status = json.loads(status)
+    states = {step: "success" for step, *_ in DAG_TASKS.values()}
+    if str((status or {}).get("state", "")).upper() not in ("SUCCEEDED", "SUCCESS"):
+        states["kubeflow"] = "failed"
+    return states
+
+
 # --------------------------------------------------------------------------- the ends
 
 
@@ -223,16 +373,26 @@ def command(
     *,
     plan: bool = False,
     part: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
 ) -> Any:
     """What ``tessera task`` runs (a pod, a Kubeflow component): the body of the DAG task of
     ``step`` with the same arguments. ``start`` takes ``run = {"run_id": <the orchestrator's
     run id>, "pipeline": <name>}`` and returns the run handle; ``finish`` takes ``inputs =
-    {"states": {task: state}}``; any other step runs whole, its plan (``plan``) or one
+    {"states": {task: state}}`` (Airflow) or ``{"status": <KFP's final status>}`` (Kubeflow's
+    exit handler). With ``upstream`` (Kubeflow), ``step`` is a DAG task id and ``upstream`` its
+    upstream outputs by argument name (:func:`dag_task`); otherwise (a Kubernetes pod, whose
+    arguments Airflow templates field by field) the step runs whole, its plan (``plan``) or one
     ``part``, with ``inputs`` as its keyword inputs."""
     if step == "start":
         return start(params, run["run_id"], pipeline=run.get("pipeline", PIPELINE))
     if step == "finish":
+        if "status" in inputs:
+            return finish(params, run, kubeflow_states(inputs["status"]))
         return finish(params, run, dict(inputs.get("states") or {}))
+    if upstream is not None:
+        if plan or part is not None:
+            raise ValueError("tessera task --upstream names a DAG task: no --plan or --part")
+        return dag_task(step, params, run, **upstream)
     if plan and part is not None:
         raise ValueError("tessera task takes --plan or --part, not both")
     if plan:

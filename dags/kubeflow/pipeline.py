@@ -3,16 +3,16 @@
 One container component per Airflow task of ``dags/tessera_pipeline.py``, named like it, each
 running the ``tessera`` CLI of the project image::
 
-    tessera task STEP [--plan | --part PART_JSON] --params PARAMS_JSON --run RUN_JSON \\
-        --inputs INPUTS_JSON --output PATH
+    tessera task TASK --params PARAMS_JSON --run RUN_JSON --upstream UPSTREAM_JSON --output PATH
 
-which runs step STEP (its plan, or one part) exactly as the Airflow task does and writes the
-task's return value as JSON to PATH, the component's output parameter (a STRUCT, a LIST for a
-plan). INPUTS_JSON is an object keyed by the Airflow task function's argument names (``{"dataset":
-<version's output>, ...}``); a mapped task's mapped argument goes to ``--part``. ``start`` gets
-``--run {"run_id": <KFP run id>}`` and returns the run handle every other task gets as RUN_JSON;
-``finish`` is the exit handler's task: it cannot depend on another task, so it gets the same
-``{"run_id": ...}`` and, as ``--inputs {"status": ...}``, KFP's final status of the pipeline.
+which runs the body of Airflow task TASK (``components.orchestration.tasks.dag_task``, the
+function the Airflow task calls) and writes its return value as JSON to PATH, the component's
+output parameter (a STRUCT, a LIST for a plan). UPSTREAM_JSON is an object keyed by the Airflow
+task function's argument names (``{"dataset": <version's output>, ...}``), a mapped task's part
+included (``shard``, ``point``). ``start`` gets ``--run {"run_id": <KFP run id>}`` and returns
+the run handle every other task gets as RUN_JSON; ``finish`` is the exit handler's task: it
+cannot depend on another task, so it gets the same ``{"run_id": ...}`` and, as ``--inputs
+{"status": ...}``, KFP's final status of the pipeline.
 
 Airflow constructs and their KFP twins: a mapped task ``expand``-ed over a plan is a
 ``dsl.ParallelFor`` over the plan's output and its gather step reads ``dsl.Collected`` (the
@@ -65,6 +65,7 @@ GPU_TASK = {"cpu": "8", "memory": "64G", "gpus": 1}
 PARAM = "param_"  # a component's inputs: the params (prefixed: `captions` is both) + upstreams
 JOB_RUN = '{"run_id": "' + dsl.PIPELINE_JOB_ID_PLACEHOLDER + '"}'  # start's and finish's RUN_JSON
 TRAINING = {"train_captioner", "train_vae", "sweep_point", "train_evaluator"}  # pool accelerator
+ENDS = ("start", "finish")  # the pipeline's two ends: `tessera task start|finish`
 
 
 def params_json(values: dict[str, Any]) -> dsl.ConcatPlaceholder:
@@ -101,19 +102,16 @@ def _param(name: str, annotation: Any, default: Any = inspect.Parameter.empty):
 def task_component(
     task_id: str,
     image: str,
-    step: str | None = None,
-    mode: str = "run",
     inputs: dict[str, type] | None = None,
     part: str = "",
     returns: type = dict,
     run: str = "input",
 ):
-    """The container component of Airflow task ``task_id``: ``tessera task STEP``.
+    """The container component of Airflow task ``task_id``: ``tessera task TASK_ID``.
 
     Args:
-        step: the CLI's step name (default ``task_id``; a plan or part task names its step).
-        mode: ``run``, ``plan`` (``--plan``) or ``part`` (``--part PART_JSON``, input ``part``).
         inputs: upstream inputs by the Airflow task's argument names: ``dict`` or ``list``.
+        part: the argument that takes a mapped task's part (``shard``, ``point``).
         returns: the type of the task's JSON output (``dict``; ``list`` for a plan).
         run: ``input`` (RUN_JSON is start's handle) or ``job`` (``{"run_id": <KFP run id>}``).
     """
@@ -134,11 +132,14 @@ def task_component(
     def body(*args) -> dsl.ContainerSpec:
         values = dict(zip([*names, "output"], args, strict=True))
         run_json = values["run"] if run == "input" else JOB_RUN
-        inputs_json = "{" + ", ".join(f'"{k}": {values[k]}' for k in inputs) + "}"
-        command = ["tessera", "task", step or task_id]
-        command += {"run": [], "plan": ["--plan"], "part": ["--part", values.get(part, "")]}[mode]
-        command += ["--params", params_json(values), "--run", run_json]
-        command += ["--inputs", inputs_json, "--output", values["output"]]
+        given = [*inputs, *([part] if part else [])]
+        upstream_json = "{" + ", ".join(f'"{k}": {values[k]}' for k in given) + "}"
+        command = ["tessera", "task", task_id, "--params", params_json(values), "--run", run_json]
+        if task_id in ENDS:  # start / finish: no upstream task (finish: KFP's status)
+            command += ["--inputs", upstream_json]
+        else:
+            command += ["--upstream", upstream_json]
+        command += ["--output", values["output"]]
         return dsl.ContainerSpec(image=image, command=command)
 
     return dsl.container_component(_with_signature(task_id, signature, body))
@@ -172,35 +173,23 @@ def build(image: str = IMAGE) -> Callable:
 
     start = step("start", run="job")
     demo_data = step("demo_data")
-    ingest_plan = step("ingest_plan", step="ingest", mode="plan", returns=L)
-    ingest_shard = step("ingest_shard", step="ingest", mode="part", part="shard")
+    ingest_plan = step("ingest_plan", returns=L)
+    ingest_shard = step("ingest_shard", part="shard")
     ingest = step("ingest", inputs={"shards": L})
     validate = step("validate", inputs={"ingested": D})
     version = step("version", inputs={"validated": D})
     train_captioner = step("train_captioner", inputs={"dataset": D})
-    caption_plan = step(
-        "caption_plan",
-        step="caption",
-        mode="plan",
-        inputs={"dataset": D, "captioner": D},
-        returns=L,
-    )
-    caption_shard = step(
-        "caption_shard", step="caption", mode="part", inputs={"dataset": D, "captioner": D},
-        part="shard",
-    )  # fmt: skip
+    caption_plan = step("caption_plan", inputs={"dataset": D, "captioner": D}, returns=L)
+    caption_shard = step("caption_shard", inputs={"dataset": D, "captioner": D}, part="shard")
     caption = step("caption", inputs={"shards": L})
     train_vae = step("train_vae", inputs={"dataset": D})
-    encode_plan = step("encode_plan", step="encode", mode="plan", inputs={"dataset": D}, returns=L)
+    encode_plan = step("encode_plan", inputs={"dataset": D}, returns=L)
     encode_shard = step(
-        "encode_shard", step="encode", mode="part",
-        inputs={"dataset": D, "vae": D, "captions": D}, part="shard",
-    )  # fmt: skip
-    encode = step("encode", inputs={"shards": L})
-    sweep_plan = step("sweep_plan", step="sweep", mode="plan", inputs={"latents": D}, returns=L)
-    sweep_point = step(
-        "sweep_point", step="sweep", mode="part", inputs={"latents": D, "vae": D}, part="point"
+        "encode_shard", inputs={"dataset": D, "vae": D, "captions": D}, part="shard"
     )
+    encode = step("encode", inputs={"shards": L})
+    sweep_plan = step("sweep_plan", inputs={"latents": D}, returns=L)
+    sweep_point = step("sweep_point", inputs={"latents": D, "vae": D}, part="point")
     sweep = step("sweep", inputs={"points": L})
     generate = step("generate", inputs={"dit": D})
     train_evaluator = step("train_evaluator", inputs={"dataset": D})

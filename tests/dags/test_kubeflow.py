@@ -20,7 +20,9 @@ Airflow-only constructs and what they map to:
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import subprocess
 import sys
 import time
@@ -234,19 +236,43 @@ def test_every_task_retries_like_its_airflow_task(kfp, airflow):
     assert airflow["retries"]["sweep_point"] == 2 and airflow["retries"]["finish"] == 0
 
 
-def test_every_task_runs_the_tessera_cli_in_the_project_image(kfp, airflow):
+def airflow_arguments() -> dict[str, list[str]]:
+    """Each Airflow task's upstream arguments (its callable's, less run / params / ti / outlets)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "pipeline_dag", DAGS_FOLDER / "tessera_pipeline.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = {}
+    for task in module.pipeline_dag.tasks:
+        names = inspect.signature(task.python_callable).parameters
+        found[task.task_id] = [
+            n for n in names if n not in ("run", "params", "ti", "outlet_events")
+        ]
+    return found
+
+
+def test_every_task_runs_its_airflow_body_through_the_tessera_cli(kfp, airflow):
+    from components.orchestration.tasks import DAG_TASKS
+
+    arguments = airflow_arguments()
     for name in kfp.tasks:
         container = kfp.executor(name)
         assert container["image"] == "tessera:0.1.0", name
         command = container["command"]
-        assert command[:2] == ["tessera", "task"], name
         task_id = airflow_id(name)
-        step = task_id.rsplit("_", 1)[0] if task_id.endswith(("_plan", "_shard", "_point")) else ""
-        assert command[2] == (step or task_id), name
-        assert ("--plan" in command) == task_id.endswith("_plan"), name
-        assert ("--part" in command) == (name in kfp.loops), name
-        for flag in ("--params", "--run", "--inputs", "--output"):
+        assert command[:3] == ["tessera", "task", task_id], name
+        for flag in ("--params", "--run", "--output"):
             assert flag in command, (name, flag)
+        if task_id in ("start", "finish"):
+            assert "--upstream" not in command, name
+        else:
+            assert task_id in DAG_TASKS, name
+            upstream = command[command.index("--upstream") + 1]
+            keys = re.findall(r'"(\w+)": ', upstream)
+            assert keys == arguments[task_id], (name, keys)  # the Airflow task's arguments
         params = command[command.index("--params") + 1]
         for param in airflow["params"]:  # every DAG param reaches every task
             assert f"{{{{$.inputs.parameters['param_{param}']}}}}" in params, (name, param)

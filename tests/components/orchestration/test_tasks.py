@@ -96,3 +96,64 @@ def test_a_missing_source_run_names_the_fix(tessera_home):
         tasks.source_run(PARAMS)
     with pytest.raises(FileNotFoundError, match="runs/nope/summary.json"):
         tasks.source_run(PARAMS, "nope")
+
+
+# --------------------------------------------------------------------------- DAG tasks by id
+
+
+def test_every_airflow_task_body_is_a_dag_task():
+    from tests.dags.test_kubeflow import airflow_arguments
+
+    ids = set(airflow_arguments()) - {"start", "finish"}
+    assert ids == set(tasks.DAG_TASKS)
+
+
+def test_a_dag_task_names_what_it_is_missing():
+    with pytest.raises(ValueError, match=r"no DAG task 'nope'; the tasks are \["):
+        tasks.dag_task("nope", {}, {"run_id": "r"})
+    with pytest.raises(
+        ValueError, match=r"DAG task validate needs upstream input\(s\) \['ingested'\]"
+    ):
+        tasks.dag_task("validate", {}, {"run_id": "r"})
+    with pytest.raises(ValueError, match=r"needs upstream input\(s\) \['shard'"):
+        tasks.dag_task("ingest_shard", {"source": "/x"}, {"run_id": "r"})
+    with pytest.raises(ValueError, match="no --plan or --part"):
+        tasks.command("validate", {}, {"run_id": "r"}, {}, plan=True, upstream={})
+
+
+def test_kubeflows_final_status_becomes_finish_states():
+    ok = tasks.kubeflow_states('{"state": "SUCCEEDED", "pipelineTaskName": "exit"}')
+    assert "kubeflow" not in ok and ok["train_vae"] == "success"
+    failed = tasks.kubeflow_states({"state": "FAILED", "error": {"message": "oom"}})
+    assert failed["kubeflow"] == "failed"
+
+
+@pytest.mark.slow
+def test_the_data_group_runs_task_by_task_through_tessera_task_upstream(tmp_path):
+    """What a Kubeflow run does: each task a `tessera task TASK --upstream` process, its output
+    JSON the next one's upstream, from demo_data to the versioned dataset."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tessera = str(Path(sys.executable).with_name("tessera"))
+    env = {**os.environ, "TESSERA_HOME": str(tmp_path / "home")}
+    params = json.dumps({"profile": "tiny", "track": False})
+    run = json.dumps({"run_id": "kfp-run", "track": False, "pipeline": tasks.PIPELINE})
+
+    def task(task_id: str, **upstream) -> object:
+        out = tmp_path / f"{task_id}.json"
+        cmd = [tessera, "task", task_id, "--params", params, "--run", run]
+        cmd += ["--upstream", json.dumps(upstream), "--output", str(out)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (task_id, proc.stderr[-3000:])
+        return json.loads(out.read_text())
+
+    task("demo_data")
+    plan = task("ingest_plan")
+    shards = [task("ingest_shard", shard=shard) for shard in plan]
+    ingested = task("ingest", shards=shards)
+    validated = task("validate", ingested=ingested)
+    versioned = task("version", validated=validated)
+    assert versioned["dataset_rev"] and versioned["num_clips"] == ingested["ingested"]
