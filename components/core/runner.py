@@ -24,13 +24,14 @@ come back (XCom-sized).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,39 +239,8 @@ def _transaction(
     and the step over them logs those as ``part/<metric>`` series (MLflow step = part index).
     ``seconds`` in the outputs is the transaction's wall time; a step over parts also records
     ``parts_seconds``, the sum of its parts' (they may have run in parallel)."""
-    try:
-        return _staged(out, name, cfg, ctx, fn, inputs, track, parts, keep_metrics)
-    except OSError as exc:
-        if not _disk_full(exc):
-            raise
-        raise storage.StorageError(
-            f"step {name}: writing its output {out} failed: {exc}. Nothing was committed (the "
-            "staging folder is removed); free space, or move the store (--set store=…, "
-            "TESSERA_HOME), then re-run: committed steps are reused"
-        ) from exc
-
-
-DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-def _disk_full(exc: OSError) -> bool:
-    """No space, a quota or a file-size limit (pyarrow reports the errno only in its text)."""
-    return exc.errno in DISK_FULL or any(os.strerror(n) in str(exc) for n in DISK_FULL)
-
-
-def _staged(
-    out: str,
-    name: str,
-    cfg: TesseraConfig,
-    ctx: RunContext,
-    fn: Callable[..., StepResult],
-    inputs: dict[str, Any],
-    track: bool,
-    parts: list[dict[str, Any]] | None,
-    keep_metrics: bool,
-) -> dict[str, Any]:
     started = time.perf_counter()
-    with storage.staged_output(out) as workdir:
+    with _disk_errors(name, out), storage.staged_output(out) as workdir:
         mlflow_run_id = None
         if track:
             from components.core import tracking
@@ -296,6 +266,25 @@ def _staged(
             outputs["parts_seconds"] = round(sum(p.get("seconds", 0.0) for p in parts), 2)
         (Path(workdir) / OUTPUTS).write_text(json.dumps(outputs, indent=2, sort_keys=True))
     return outputs
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _disk_errors(name: str, out: str) -> Iterator[None]:
+    """No space, a quota or a file-size limit while a step writes: a StorageError naming the
+    step and its output (pyarrow reports the errno only in its text); other errors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if not (exc.errno in DISK_FULL or any(os.strerror(n) in str(exc) for n in DISK_FULL)):
+            raise
+        raise storage.StorageError(
+            f"step {name}: writing its output {out} failed: {exc}. Nothing was committed (the "
+            "staging folder is removed); free space, or move the store (--set store=…, "
+            "TESSERA_HOME), then re-run: committed steps are reused"
+        ) from exc
 
 
 def _log_result(

@@ -275,6 +275,12 @@ class _Job:
         return self.future is None or self.future.done()
 
 
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's worker processes (a hung probe cannot be cancelled); the pool breaks."""
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.kill()
+
+
 class _Ingest:
     """Turns listed files into manifest and quarantine rows, in listing order."""
 
@@ -346,8 +352,7 @@ class _Ingest:
         if self._pool is None:
             return
         if kill:
-            for proc in list(getattr(self._pool, "_processes", {}).values()):
-                proc.kill()
+            _kill_workers(self._pool)
         self._pool.shutdown(wait=True)  # a broken pool fails its futures with BrokenProcessPool
         self._pool = None
 
@@ -373,8 +378,7 @@ class _Ingest:
         try:
             return pool.submit(inspect_file, job.entry.uri).result(timeout=self.timeout_s)
         except FutureTimeout:
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.kill()
+            _kill_workers(pool)
             return self._failed(job, "probe_timeout", self._timeout_detail())
         except BrokenProcessPool:
             return self._failed(job, "probe_crashed", "its worker process died while probing it")
