@@ -50,8 +50,10 @@ import dataclasses
 import heapq
 import logging
 import os
+import sys
 import tempfile
 import time
+import types
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
@@ -275,6 +277,27 @@ class _Job:
         return self.future is None or self.future.done()
 
 
+def _spawn_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of spawned workers (not forked: the parent holds boto3 connections and FFmpeg
+    state). Submit to it with ``_probe_in``."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _probe_in(pool: ProcessPoolExecutor, uri: str) -> Future:
+    """Submit one probe. Workers start during a submit, and a spawned worker re-runs the parent's
+    main script unless ``__main__`` names none; under Airflow's task runner that script is
+    ``airflow``, whose import fails in a child (the task supervisor blanks the database URL), so
+    each worker starts under a bare ``__main__``: it needs only ``inspect_file``."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        return pool.submit(inspect_file, uri)
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
     """Kill a pool's worker processes (a hung probe cannot be cancelled); the pool breaks."""
     for proc in list(getattr(pool, "_processes", {}).values()):
@@ -325,10 +348,10 @@ class _Ingest:
 
     def _submit(self, uri: str) -> Future:
         try:
-            return self.pool().submit(inspect_file, uri)
+            return _probe_in(self.pool(), uri)
         except BrokenProcessPool:  # a file in flight crashed it: finish() isolates that one
             self._discard_pool()
-            return self.pool().submit(inspect_file, uri)
+            return _probe_in(self.pool(), uri)
 
     @staticmethod
     def _reusable(hit: tuple[str, dict], entry: Listed) -> bool:
@@ -339,12 +362,7 @@ class _Ingest:
 
     def pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            import multiprocessing
-
-            # spawn, not fork: the parent holds boto3 connections and FFmpeg state
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")
-            )
+            self._pool = _spawn_pool(self.workers)
         return self._pool
 
     def _discard_pool(self, kill: bool = False) -> None:
@@ -372,11 +390,9 @@ class _Ingest:
 
     def _alone(self, job: _Job) -> dict[str, Any]:
         """Probe one file in a pool of its own: whatever kills it was this file's doing."""
-        import multiprocessing
-
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool = _spawn_pool(1)
         try:
-            return pool.submit(inspect_file, job.entry.uri).result(timeout=self.timeout_s)
+            return _probe_in(pool, job.entry.uri).result(timeout=self.timeout_s)
         except FutureTimeout:
             _kill_workers(pool)
             return self._failed(job, "probe_timeout", self._timeout_detail())

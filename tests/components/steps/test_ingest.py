@@ -478,3 +478,41 @@ def test_probe_file_and_sha256_file_work_on_their_own(corpus):
     with pytest.raises(probe.Rejected) as info:
         probe.probe_file(corpus / "l_voice.m4a")
     assert info.value.reason == "no_video_stream" and "audio aac" in info.value.detail
+
+
+MAIN_THAT_MUST_NOT_RERUN = """
+import sys
+if __name__ != "__main__":  # a spawned worker re-running this script: Airflow's case
+    raise SystemExit("the parent's main script was re-run in a probe worker")
+from pathlib import Path
+from tests.components.steps.test_ingest import encode_video, ingest_into, make_cfg
+tmp = Path(sys.argv[1])
+(tmp / "raw").mkdir()
+for i in range(3):
+    encode_video(tmp / "raw" / f"{i}.mp4", 32, 24, seed=i)
+result = ingest_into(make_cfg(tmp, workers=2, file_timeout_s=60), tmp / "out", tmp / "raw")
+print("ingested", result.values["ingested"])
+"""
+
+
+@pytest.mark.slow  # spawned workers: ~10 s
+def test_probe_workers_do_not_rerun_the_parents_main_script(tmp_path):
+    """Under Airflow's task runner the main script is ``airflow``, which cannot be imported in a
+    child (its database URL is blanked): workers must start without it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "main.py"
+    script.write_text(MAIN_THAT_MUST_NOT_RERUN)
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(repo), "TESSERA_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ingested 3" in done.stdout
