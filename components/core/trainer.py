@@ -29,6 +29,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from components.core import faults
 from components.core.compile import cache_env
 from components.core.config import Environment, TesseraConfig, TrainConfig, to_dict
 from components.core.hardware import CPU_BF16_MIN_SPEEDUP, cpu_bf16_speedup
@@ -397,6 +399,24 @@ class PositionedSampler(torch.utils.data.Sampler):
         return len(self.base)
 
 
+def data_loader(
+    dataset: Any, sampler: Any, batch_size: int, num_workers: int, seed: int, **kwargs: Any
+) -> torch.utils.data.DataLoader:
+    """A DataLoader that leaves the global RNG alone. Starting an iterator draws its workers' base
+    seed from the loader's generator, by default the global one: a resumed run restores the RNG and
+    then starts its iterator, so it drew one number the uninterrupted run had drawn at step 0, and
+    every later random draw (the VAE's posterior samples) shifted by one
+    (tests/faults/test_training_killed.py)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    )
+
+
 def balance_kinds(items: Sequence[T], video_share: float, kind: Callable[[T], str]) -> list[T]:
     """``items`` with every video (``kind(item) == "video"``) repeated as often as needed for
     videos to make at least ``video_share`` of the list (0: as they come): a corpus rich in cheap
@@ -694,6 +714,8 @@ class Trainer:
                 shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()
+        if faults.triggered(f"train.sigkill.{self.checkpoint_dir.name}.{tag}"):
+            os.kill(os.getpid(), signal.SIGKILL)  # drills: a pre-empted node, just after this
         return path
 
     def resume(self) -> dict[str, Any] | None:

@@ -194,12 +194,8 @@ def worker(payload: dict[str, Any]) -> None:
             start=trainer.state.samples,
         )
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=train.micro_batch,
-        sampler=sampler,
-        num_workers=train.num_workers,
-        collate_fn=collate,
+    loader = tr.data_loader(
+        dataset, sampler, train.micro_batch, train.num_workers, cfg.seed, collate_fn=collate
     )
     val = _val_batches(picked["val"], dataset, collate, train.micro_batch) if rank0 else []
 

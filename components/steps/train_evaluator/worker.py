@@ -100,12 +100,8 @@ def worker(payload: dict[str, Any]) -> None:
             start=trainer.state.samples,
         )
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=train.micro_batch,
-        sampler=sampler,
-        num_workers=train.num_workers,
-        collate_fn=collate,
+    loader = tr.data_loader(
+        dataset, sampler, train.micro_batch, train.num_workers, cfg.seed, collate_fn=collate
     )
     val_items = [i for i in picked["val"] if i.captioned] if rank0 else []
     val_videos = [

@@ -136,9 +136,7 @@ def worker(payload: dict[str, Any]) -> None:
             start=trainer.state.samples,
         )
     )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=train.micro_batch, sampler=sampler, num_workers=train.num_workers
-    )
+    loader = tr.data_loader(dataset, sampler, train.micro_batch, train.num_workers, cfg.seed)
     tf = vae.temporal_factor
     val_views = (
         [center_clip(c, tv.crop_frames, tv.crop_size, tf) for c in clips["val"]] if rank0 else []
