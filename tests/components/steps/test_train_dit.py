@@ -304,22 +304,6 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(
 
 
 @pytest.mark.slow
-def test_resume_matches_the_uninterrupted_run(latents, one_process_run, tmp_path):
-    one, one_dir = one_process_run
-    cfg = tiny_cfg(*EQUIVALENCE, "train_dit.train.grad_accum=2")
-    first = _launch(tmp_path, "split", cfg, latents, stop_at=3)  # "killed" after step 3
-    assert not first["finished"] and not (tmp_path / "split" / "dit").exists()
-    second = _launch(tmp_path, "split", cfg, latents)  # the retry resumes from step 3
-    assert second["finished"] and second["steps"] == 6
-    assert second["losses"] == pytest.approx(one["losses"], rel=1e-5)  # history survives
-    assert [s for s, _ in second["val"]] == [s for s, _ in one["val"]] == [0, 3, 6]
-    assert [v for _, v in second["val"]] == pytest.approx([v for _, v in one["val"]], rel=1e-5)
-    a, b = _weights(one_dir), _weights(tmp_path / "split" / "dit")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], **COMPILED_WEIGHTS, msg=key)
-
-
-@pytest.mark.slow
 def test_samples_at_every_aspect_ratio_go_to_mlflow(tessera_home, tmp_path):
     import mlflow
 
