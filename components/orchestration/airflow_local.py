@@ -67,21 +67,35 @@ def airflow_env() -> dict[str, str]:
     return env
 
 
-def _airflow(*args: str) -> None:
-    airflow = Path(sys.executable).with_name("airflow")
+def prepare(env: dict[str, str] | None = None) -> None:
+    """Migrate the metadata DB and create the DAG's pools (both idempotent), in one child
+    process: each ``airflow`` CLI call would pay Airflow's import again."""
+    env = env or airflow_env()
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [str(airflow), *args], env=airflow_env(), capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "components.orchestration.airflow_local", "--prepare"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if proc.returncode != 0:
-        raise DagRunFailed(f"`airflow {' '.join(args)}` failed:\n{proc.stderr[-3000:]}")
+        raise DagRunFailed(
+            f"preparing Airflow's metadata DB under {env['AIRFLOW_HOME']} (db migrate, pools) "
+            f"failed:\n{proc.stderr[-3000:]}"
+        )
 
 
-def prepare() -> None:
-    """Migrate the metadata DB and create the DAG's pools (both idempotent)."""
-    Path(airflow_env()["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    _airflow("db", "migrate")
+def _prepare_db() -> None:
+    """In a child process with Airflow's environment: what ``airflow db migrate`` and
+    ``airflow pools set`` do."""
+    from airflow.models.pool import Pool
+    from airflow.utils import db
+
+    db.upgradedb()
     for name, (slots, description) in POOLS.items():
-        _airflow("pools", "set", name, str(slots), description)
+        Pool.create_or_update_pool(name, slots, description, include_deferred=False)
 
 
 def dags_test(
@@ -96,7 +110,7 @@ def dags_test(
     """Run a DAG (the pipeline, or ``dag_id`` with its ``params``) once with ``dag.test()``;
     returns the run's summary (every committed step's outputs, as its ``finish`` task wrote
     it)."""
-    prepare()
+    Path(airflow_env()["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     conf = {"profile": profile, "overrides": list(overrides), **(params or {})}
     if dag_id == DAG_ID:
         conf |= {"source": source, "captions": captions}
@@ -135,8 +149,11 @@ def dags_test(
 
 
 def _child(dag_id: str, conf_json: str, report: str) -> int:
-    """In the child process: load the DAG file, run it with ``dag.test()``, report its state."""
+    """In the child process: prepare the metadata DB, load the DAG file, run it with
+    ``dag.test()``, report its state."""
     import importlib.util
+
+    _prepare_db()
 
     spec = importlib.util.spec_from_file_location(dag_id, DAGS_FOLDER / f"{dag_id}.py")
     module = importlib.util.module_from_spec(spec)
@@ -200,9 +217,7 @@ class AirflowServices:
 
     def start(self, timeout_s: float = 180) -> AirflowServices:
         prepare_env = self._service_env()
-        _run_airflow(prepare_env, "db", "migrate")
-        for name, (slots, description) in POOLS.items():
-            _run_airflow(prepare_env, "pools", "set", name, str(slots), description)
+        prepare(prepare_env)
         logs = self.home / "logs" / "services"
         logs.mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).with_name("airflow"))
@@ -302,15 +317,6 @@ def serve_ui(port: int = 8080) -> None:
             print("stopping Airflow")
 
 
-def _run_airflow(env: dict[str, str], *args: str) -> None:
-    airflow = Path(sys.executable).with_name("airflow")
-    proc = subprocess.run(
-        [str(airflow), *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        raise DagRunFailed(f"`airflow {' '.join(args)}` failed:\n{proc.stderr[-3000:]}")
-
-
 class AirflowClient:
     """Airflow's REST API (``/api/v2``) with a bearer token from ``/auth/token``."""
 
@@ -404,4 +410,7 @@ class AirflowClient:
 
 
 if __name__ == "__main__":
-    raise SystemExit(_child(*sys.argv[1:4]))
+    if sys.argv[1:] == ["--prepare"]:
+        _prepare_db()
+    else:
+        raise SystemExit(_child(*sys.argv[1:4]))
