@@ -18,7 +18,8 @@ import pytest
 from components.core import storage
 from components.core.config import load_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# one xdist worker for the whole module: its module-scoped run is made once, not once per worker
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("pipeline-dag")]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
 STEPS = {"demo_data", "ingest", "validate", "version", "train_captioner", "caption"}
 STEPS |= {"train_vae", "encode", "sweep"}

@@ -20,7 +20,8 @@ import pytest
 from components.core.tracking import MlflowServer
 from tests.testing_utils.services import MotoS3Server, PostgresCluster, free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# one xdist worker for the whole module: its module-scoped run is made once, not once per worker
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("postgres-s3")]
 TESSERA = str(Path(sys.executable).with_name("tessera"))
 BUCKET = "tessera-team"
 PLANTED = {

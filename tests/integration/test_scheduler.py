@@ -21,7 +21,8 @@ from components.core.tracking import MlflowServer
 from components.orchestration.airflow_local import AirflowServices
 from tests.testing_utils.services import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# one xdist worker for the whole module: its module-scoped run is made once, not once per worker
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("scheduler")]
 DAG = "tessera_pipeline"
 # 40 VAE steps, a checkpoint every 10: the kill lands after step 10 with 30 steps still to go
 OVERRIDES = ["train_vae.train.steps=40", "train_vae.train.checkpoint_every=10"]
