@@ -6,7 +6,8 @@ in ``$TESSERA_HOME/faults/`` so the count survives the process (an Airflow retry
 :func:`triggered` is the same test for faults that are not exceptions: ingest's
 ``ingest.hang.<file name>`` and ``ingest.crash.<file name>`` make the worker probing that file
 hang or die as a decoder would; ``train.sigkill.<checkpoint folder>.step-NNNNNNN`` SIGKILLs
-the training rank that just committed that checkpoint, as a pre-empted node would. Unset, either reads one environment variable and returns.
+the training rank that just committed that checkpoint, as a pre-empted node would. Unset,
+either reads one environment variable and returns.
 """
 
 from __future__ import annotations
