@@ -11,8 +11,11 @@
   version, the MLflow runs of train_vae, the sweep and its chosen point, train_evaluator and
   evaluate, every headline metric with its extractor's sha256, git sha, config hash. What the run
   lacks (a model trained outside the pipeline) is listed in ``tessera.lineage_missing``.
-- **Idempotent**: a pipeline run registered before gets its existing versions back
-  (``tessera.run_id`` tag). New versions get ``register.alias`` (``challenger``).
+- **Idempotent and resumable**: a pipeline run registered before gets its existing versions
+  back (``tessera.run_id`` tag); one whose registration was cut short (MLflow down half-way:
+  the t2v version lacks ``tessera.registration_complete``) has its missing parts registered by
+  the re-run, never a second version of a part. New versions get ``register.alias``
+  (``challenger``).
 
 Inputs: ``model`` (a directory with ``vae/`` + ``dit/``: the sweep's or train_dit's output),
 ``evaluation`` (the evaluate step's ``evaluation.json``; the gate of ``promote`` reads it),
@@ -37,6 +40,7 @@ from components.core.runner import StepResult, StepSpec
 log = logging.getLogger(__name__)
 
 LINEAGE_JSON = "lineage.json"
+COMPLETE_TAG = "tessera.registration_complete"  # set last: a version without it was cut short
 # upstream step -> what its committed outputs give the lineage
 LINEAGE_STEPS = (
     "version",
@@ -142,20 +146,8 @@ def run(
     (workdir / registry.EVALUATION_ARTIFACT).write_text(json.dumps(summary, indent=2) + "\n")
     (workdir / LINEAGE_JSON).write_text(json.dumps(tags, indent=2, sort_keys=True) + "\n")
 
-    versions: dict[str, Any] = {}
     with registry.lock(rc.model_name):
-        existing = registry.find_version(rc.model_name, run_id)
-        if existing is not None:
-            log.info(
-                "register: run %s is %s version %s already", run_id, rc.model_name, existing.version
-            )
-            versions["t2v"] = registry.Registered(rc.model_name, existing.version, False)
-            for key, name in (("vae", rc.vae_name), ("evaluator", rc.evaluator_name)):
-                found = registry.find_version(name, run_id)
-                if found is not None:
-                    versions[key] = registry.Registered(name, found.version, False)
-        else:
-            versions = _register(cfg, model, evaluator, captioner, pairs, tags, active)
+        versions = _register(cfg, run_id, model, evaluator, captioner, pairs, tags, active)
     t2v = versions["t2v"]
     values = {
         "model_name": t2v.name,
@@ -179,6 +171,7 @@ def run(
 
 def _register(
     cfg: TesseraConfig,
+    run_id: str,
     model: str,
     evaluator: str,
     captioner: str,
@@ -186,51 +179,72 @@ def _register(
     tags: dict[str, str],
     active: Any,
 ) -> dict[str, registry.Registered]:
+    """Register what run ``run_id`` has not registered yet, part by part; the t2v version is
+    marked complete last, so a registration cut short (MLflow down half-way) is resumed by the
+    re-run, and one completed before is returned as it is (its alias left where it is now)."""
+    rc = cfg.register
+    parts = [("vae", rc.vae_name)] + ([("evaluator", rc.evaluator_name)] if evaluator else [])
+    t2v = registry.find_version(rc.model_name, run_id)
+    if t2v is not None and t2v.tags.get(COMPLETE_TAG) == "true":
+        log.info("register: run %s is %s version %s already", run_id, rc.model_name, t2v.version)
+        found = {"t2v": registry.Registered(rc.model_name, t2v.version, False)}
+        for key, name in parts:
+            if (v := registry.find_version(name, run_id)) is not None:
+                found[key] = registry.Registered(name, v.version, False)
+        return found
+    if t2v is not None:
+        log.warning(
+            "register: %s version %s of run %s was cut short; registering the rest",
+            rc.model_name,
+            t2v.version,
+            run_id,
+        )
     import mlflow
 
-    rc = cfg.register
     mlflow_run = active.info.run_id
     dataset = {k: tags.get(f"tessera.dataset_{k}", "") for k in ("manifest", "rev", "md5")}
     if all(dataset.values()):
         tracking.log_lineage(Lineage(dataset["manifest"], dataset["rev"], dataset["md5"]))
+    c = registry.client()
     found: dict[str, registry.Registered] = {}
     with (
         tempfile.TemporaryDirectory(prefix="tessera-register-") as tmp,
         artifacts.model_dir(model) as directory,
     ):
-        expander = None
-        if captioner:
-            expander = Path(tmp) / "expander"
-            with artifacts.local_tree(captioner) as path:
-                _copy_expander(path, expander)
-            if pairs:
-                (expander / "pairs.json").write_bytes(storage.read_bytes(pairs))
-        info = registry.log_t2v_model(
-            cfg, Path(directory), Path(tmp) / "staging", tags[registry.RUN_TAG], expander
-        )
-        version = registry.register_version(
-            rc.model_name, info.model_uri, mlflow_run, tags, rc.alias, model_id=info.model_id
-        )
-        found["t2v"] = registry.Registered(rc.model_name, version.version, True)
-        mlflow.log_artifacts(str(Path(directory) / "vae"), artifact_path="vae")
-        parts = [("vae", rc.vae_name, "vae")]
-        if evaluator:
-            with artifacts.local_tree(_evaluator_dir(evaluator)) as path:
-                mlflow.log_artifacts(str(path), artifact_path="evaluator")
-            parts.append(("evaluator", rc.evaluator_name, "evaluator"))
+        if t2v is None:
+            expander = None
+            if captioner:
+                expander = Path(tmp) / "expander"
+                with artifacts.local_tree(captioner) as path:
+                    _copy_expander(path, expander)
+                if pairs:
+                    (expander / "pairs.json").write_bytes(storage.read_bytes(pairs))
+            info = registry.log_t2v_model(
+                cfg, Path(directory), Path(tmp) / "staging", run_id, expander
+            )
+            t2v = registry.register_version(
+                rc.model_name, info.model_uri, mlflow_run, tags, rc.alias, model_id=info.model_id
+            )
+        found["t2v"] = registry.Registered(rc.model_name, t2v.version, True)
         root = mlflow.get_run(mlflow_run).info.artifact_uri
-        for key, name, rel in parts:
-            v = registry.register_version(
-                name,
-                f"{root}/{rel}",
-                mlflow_run,
-                {**tags, "tessera.t2v_version": version.version},
-                rc.alias,
-            )
+        for key, name in parts:
+            v = registry.find_version(name, run_id)
+            if v is None:
+                if key == "vae":
+                    mlflow.log_artifacts(str(Path(directory) / "vae"), artifact_path="vae")
+                else:
+                    with artifacts.local_tree(_evaluator_dir(evaluator)) as path:
+                        mlflow.log_artifacts(str(path), artifact_path="evaluator")
+                part_tags = {**tags, "tessera.t2v_version": t2v.version}
+                v = registry.register_version(
+                    name, f"{root}/{key}", mlflow_run, part_tags, rc.alias
+                )
+            else:
+                c.set_registered_model_alias(name, rc.alias, v.version)
             found[key] = registry.Registered(name, v.version, True)
-            registry.client().set_model_version_tag(
-                rc.model_name, version.version, f"tessera.{key}_version", v.version
-            )
+            c.set_model_version_tag(rc.model_name, t2v.version, f"tessera.{key}_version", v.version)
+    c.set_registered_model_alias(rc.model_name, rc.alias, t2v.version)
+    c.set_model_version_tag(rc.model_name, t2v.version, COMPLETE_TAG, "true")
     return found
 
 

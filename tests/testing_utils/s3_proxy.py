@@ -19,7 +19,8 @@ class FaultyS3Proxy(http.server.ThreadingHTTPServer):
     """Request ``n`` (1-based) fails when ``n <= fail_first``, or, while ``n <= until`` (None:
     always), when ``fail_every`` divides it (503 SlowDown) or ``drop_every`` does (the
     connection is closed unanswered); past ``fail_after`` every request fails (the store went
-    down mid-step)."""
+    down mid-step), and so is every request after the first one whose path holds ``down_after``
+    (the server went down right after answering it)."""
 
     daemon_threads = True
 
@@ -32,9 +33,11 @@ class FaultyS3Proxy(http.server.ThreadingHTTPServer):
         drop_every: int = 0,
         until: int | None = None,
         fail_after: int | None = None,
+        down_after: str | None = None,
     ) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.rules = (fail_first, fail_every, drop_every, until, fail_after)
+        self.down_after, self.down = down_after, False
         self.seen = self.failed = self.dropped = 0
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -43,19 +46,20 @@ class FaultyS3Proxy(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def decide(self) -> str:
+    def decide(self, path: str = "") -> str:
         fail_first, fail_every, drop_every, until, fail_after = self.rules
         with self.lock:
             self.seen += 1
             n = self.seen
             action = "forward"
-            if n <= fail_first or (fail_after is not None and n > fail_after):
+            if self.down or n <= fail_first or (fail_after is not None and n > fail_after):
                 action = "fail"
             elif until is None or n <= until:
                 if fail_every and n % fail_every == 0:
                     action = "fail"
                 elif drop_every and n % drop_every == 0:
                     action = "drop"
+            self.down |= bool(self.down_after) and self.down_after in path
             self.failed += action == "fail"
             self.dropped += action == "drop"
             return action
@@ -79,7 +83,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _relay(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        action = self.server.decide()
+        action = self.server.decide(self.path)
         if action == "drop":
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -108,4 +112,4 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _relay
+    do_GET = do_PUT = do_POST = do_PATCH = do_HEAD = do_DELETE = _relay

@@ -5,6 +5,7 @@ pointing at real runs), promote through the gate (pass, fail, refused comparison
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import uuid
@@ -196,6 +197,66 @@ def test_registering_the_same_run_again_returns_its_version(env, first):
     assert [v.version for v in found if v.tags.get("tessera.run_id") == ctx.run_id] == [
         str(first["model_version"])
     ]
+
+
+def test_mlflow_down_mid_registration_is_resumed_by_the_rerun_without_duplicates(env, monkeypatch):
+    """MLflow goes down right after it created the t2v version (before its alias, the VAE's
+    version and the completion tag): the step fails naming the server and commits nothing; the
+    re-run registers the rest onto that version: one version per part, one MLflow run."""
+    import dataclasses
+
+    from components.core.tracking import TrackingError
+    from tests.testing_utils.s3_proxy import FaultyS3Proxy
+
+    home, name = env["home"], f"{env['name']}-down"  # its own models: the challenger of env's
+    register_cfg = dataclasses.replace(
+        env["cfg"].register, model_name=name, vae_name=f"{name}-vae", evaluator_name=f"{name}-ev"
+    )
+    cfg = dataclasses.replace(env["cfg"], register=register_cfg)
+    root = home / "model-0"
+    if not root.exists():
+        save_servable_model(root, seed=0)
+    ev = home / "evaluation-down.json"
+    ev.write_text(json.dumps(evaluation(90.0)))
+    upstream = os.environ["MLFLOW_TRACKING_URI"]  # the real server (the env fixture)
+    parent = RunContext.new(PIPELINE)
+    ctx = RunContext(parent.run_id, PIPELINE, tracking.pipeline_run(cfg, PIPELINE, parent.run_id))
+    inputs = {"model": str(root), "evaluation": str(ev)}
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with FaultyS3Proxy(upstream, down_after="/model-versions/create").running() as down:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", down.url)
+        with pytest.raises(
+            TrackingError, match=f"MLflow at {down.url} failed during step register"
+        ) as e:
+            runner.run_step(register_step.STEP, cfg, ctx, **inputs)
+        assert down.down and down.failed >= 1, str(e.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", upstream)
+    assert runner.committed_outputs(runner.step_uri(cfg, ctx.run_id, "register")) is None
+    c = registry.client()
+
+    def versions(model: str) -> list:
+        return c.search_model_versions(
+            f"name = '{model}' and tags.`tessera.run_id` = '{ctx.run_id}'"
+        )
+
+    (cut,) = versions(name)
+    assert register_step.COMPLETE_TAG not in cut.tags and versions(f"{name}-vae") == []
+    again = runner.run_step(register_step.STEP, cfg, ctx, **inputs)
+    (t2v,), (vae,) = versions(name), versions(f"{name}-vae")
+    assert again["model_version"] == t2v.version == cut.version
+    assert again["vae_version"] == vae.version and vae.tags["tessera.t2v_version"] == t2v.version
+    assert t2v.tags[register_step.COMPLETE_TAG] == "true"
+    assert t2v.tags["tessera.vae_version"] == vae.version
+    assert c.get_model_version_by_alias(name, "challenger").version == t2v.version
+    assert c.get_model_version_by_alias(f"{name}-vae", "challenger").version == vae.version
+    experiments = [e.experiment_id for e in c.search_experiments()]
+    query = f"tags.`tessera.run_id` = '{ctx.run_id}' and tags.`tessera.step` = 'register'"
+    assert len(c.search_runs(experiments, query)) == 1
+    # a retry after that (the task died before committing) finds the registration complete
+    shutil.rmtree(runner.step_uri(cfg, ctx.run_id, "register"))
+    third = runner.run_step(register_step.STEP, cfg, ctx, **inputs)
+    assert (third["model_version"], third["vae_version"]) == (t2v.version, vae.version)
+    assert third["created"] is False and len(versions(name)) == len(versions(f"{name}-vae")) == 1
 
 
 def test_the_bundled_expander_expands_served_prompts(env, first):
