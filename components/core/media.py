@@ -60,6 +60,7 @@ def read_frames(
     size: tuple[int, int] | None = None,
     max_pixels: int | None = None,
     max_bytes: int = MAX_DECODE_BYTES,
+    crop: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Decode frames ``[start, start + count)`` of a video or image -> (T, H, W, 3) uint8.
 
@@ -70,6 +71,8 @@ def read_frames(
         max_pixels: without ``size``, downscale each frame as it is decoded (aspect kept) so
             that width x height <= max_pixels: an 8K upload never exists at 8K in memory.
         max_bytes: the most decoded RGB this call may hold; past it a ValueError says so.
+        crop: ``(top, left, height, width)`` as displayed (after rotation and resizing), cut
+            from each frame as it is decoded: a crop of an 8K clip holds one 8K frame at a time.
     """
     frames = []
     with storage.local_copy(str(uri)) as path:
@@ -104,14 +107,18 @@ def read_frames(
                         continue
                     if size:
                         frame = frame.reformat(width=width, height=height, interpolation="AREA")
-                    held += frame.width * frame.height * 3
+                    pixels = np.rot90(frame.to_ndarray(format="rgb24"), k=turns)
+                    if crop:
+                        top, left, h, w = crop
+                        pixels = np.ascontiguousarray(pixels[top : top + h, left : left + w])
+                    held += pixels.shape[0] * pixels.shape[1] * 3
                     if held > max_bytes:
                         raise ValueError(
                             f"{uri}: decoding more than {max_bytes / 2**20:,.0f} MiB of frames "
-                            f"({len(frames)} of {frame.width}x{frame.height} so far); read "
-                            "fewer frames (count) or smaller ones (size / max_pixels)"
+                            f"({len(frames)} of {pixels.shape[1]}x{pixels.shape[0]} so far); "
+                            "read fewer frames (count) or smaller ones (size / max_pixels / crop)"
                         )
-                    frames.append(np.rot90(frame.to_ndarray(format="rgb24"), k=turns))
+                    frames.append(pixels)
                     if count is not None and len(frames) >= count:
                         break
         except av.FFmpegError as exc:

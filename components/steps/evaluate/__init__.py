@@ -111,8 +111,12 @@ def _aspect(width: int, height: int) -> str:
     return f"{width // g}:{height // g}"
 
 
-def _folder_videos(uri: str) -> tuple[list[np.ndarray], list[str | None]]:
-    """The videos of a folder (uint8 (T, H, W, 3), sorted by name) and their prompts."""
+def _folder_videos(
+    uri: str, max_frames: int, max_pixels: int
+) -> tuple[list[np.ndarray], list[str | None]]:
+    """The videos of a folder (uint8 (T, H, W, 3), sorted by name) and their prompts, read as
+    the real side is: their first ``max_frames`` frames, downscaled as they are decoded to at
+    most ``max_pixels`` per frame (a user's 8K upload is never held at 8K)."""
     videos, prompts = [], []
     with artifacts.local_tree(uri) as root:
         prompt_of = {}
@@ -125,7 +129,7 @@ def _folder_videos(uri: str) -> tuple[list[np.ndarray], list[str | None]]:
         if len(files) < 2:
             raise ValueError(f"{uri} holds {len(files)} video files; evaluate needs at least 2")
         for path in files:
-            videos.append(media.to_uint8(media.load_video(path)))
+            videos.append(media.read_frames(path, count=max_frames, max_pixels=max_pixels))
             prompts.append(prompt_of.get(str(path.relative_to(root))))
     return videos, prompts
 
@@ -267,7 +271,7 @@ def run(
         fake_prompts: list[str | None] = [r["caption"] for r in real]
         prompt_videos = [media.to_uint8(v) for v in sampled[len(real) :]]
     else:
-        fakes, fake_prompts = _folder_videos(videos)
+        fakes, fake_prompts = _folder_videos(videos, ecfg.frames, gcfg.max_pixels)
         items, prompt_videos, sample_seconds = [], [], 0.0
     metrics["generate_seconds"] = sample_seconds
 
@@ -538,7 +542,7 @@ def _framing(
     predicted, truth = [], []
     for row in checked:
         with storage.local_copy(storage.join(clips, row["path"])) as path:
-            frames = media.to_uint8(media.load_video(path))
+            frames = media.read_frames(path)
         background = background_range(row["background"], row["background_colors"].split(","))
         vote = framing.main_object_cut(
             frames, PALETTE, background, row["primary_color"], min_distance=ecfg.min_distance

@@ -142,7 +142,7 @@ def colour_following(
     checks = []
     for base, background in zip(bases, backgrounds, strict=True):
         with storage.local_copy(storage.join(clips, base["path"])) as path:
-            frames = media.to_uint8(media.load_video(path))
+            frames = media.read_frames(path)
         vote = pf.dominant_colour(frames, PALETTE, background, min_distance=ecfg.min_distance)
         checks.append(
             {

@@ -72,25 +72,39 @@ class CropDataset(torch.utils.data.Dataset):
         self.cache_budget = cache_mb * 2**20
         self._cache: dict[str, np.ndarray] = {}
         self._cached_bytes = 0
+        self._uncached: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.clips)
 
-    def _frames(self, index: int, start: int, count: int) -> np.ndarray:
-        """(n <= count, H, W, 3) uint8 frames from ``start`` (the whole clip cached if it fits)."""
+    def _frames(
+        self, index: int, start: int, count: int, box: tuple[int, int, int, int]
+    ) -> np.ndarray:
+        """(n <= count, h, w, 3) uint8 frames from ``start``, cropped to ``box`` (top, left,
+        height, width) as they are decoded, so memory follows the crop, not the clip's size; the
+        whole clip is decoded and cached instead while it fits the cache (at most the frames the
+        manifest counts, at most the budget left, whatever the headers declare)."""
         clip = self.clips[index]
-        if clip.uri in self._cache:  # by URI: balance_kinds repeats clips
-            return self._cache[clip.uri][start : start + count]
-        size = clip.num_frames * clip.width * clip.height * 3
-        if self._cached_bytes + size <= self.cache_budget:
-            whole = media.read_frames(clip.uri, rotation=clip.rotation)
-            self._cache[clip.uri] = whole
-            self._cached_bytes += whole.nbytes
-            return whole[start : start + count] if start < len(whole) else whole[-count:]
+        top, left, h, w = box
+        if clip.uri not in self._cache and clip.uri not in self._uncached:
+            room = self.cache_budget - self._cached_bytes
+            if clip.num_frames * clip.width * clip.height * 3 <= room:
+                try:
+                    whole = media.read_frames(
+                        clip.uri, count=clip.num_frames, rotation=clip.rotation, max_bytes=room
+                    )
+                    self._cache[clip.uri] = whole  # by URI: balance_kinds repeats clips
+                    self._cached_bytes += whole.nbytes
+                except ValueError:  # larger than its header said: read windows, uncached
+                    self._uncached.add(clip.uri)
+        if (whole := self._cache.get(clip.uri)) is not None:
+            frames = whole[start : start + count] if start < len(whole) else whole[-count:]
+            return frames[:, top : top + h, left : left + w]
+        read = {"count": count, "rotation": clip.rotation, "crop": box}
         try:
-            return media.read_frames(clip.uri, start=start, count=count, rotation=clip.rotation)
+            return media.read_frames(clip.uri, start=start, **read)
         except ValueError:  # the header over-counted frames: take the clip's first ones
-            return media.read_frames(clip.uri, count=count, rotation=clip.rotation)
+            return media.read_frames(clip.uri, **read)
 
     def crop(self, position: int, index: int) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
@@ -100,11 +114,12 @@ class CropDataset(torch.utils.data.Dataset):
 
         clip = self.clips[index]
         n = min(self.crop_frames, clip.num_frames)
-        frames = self._frames(index, randint(clip.num_frames - n), n)  # (t, H, W, 3)
-        t, height, width = frames.shape[:3]
-        h, w = min(self.crop_h, height), min(self.crop_w, width)
-        top, left = randint(height - h), randint(width - w)
-        video = media.to_video(frames[:, top : top + h, left : left + w])  # (3, t, h, w)
+        start = randint(clip.num_frames - n)
+        h, w = min(self.crop_h, clip.height), min(self.crop_w, clip.width)
+        box = (randint(clip.height - h), randint(clip.width - w), h, w)
+        frames = self._frames(index, start, n, box)  # (t, h, w, 3); less where the file is
+        t, h, w = frames.shape[:3]
+        video = media.to_video(frames)  # (3, t, h, w)
         pad = (0, self.crop_w - w, 0, self.crop_h - h, 0, self.crop_frames - t)
         video = F.pad(video[None], pad, mode="replicate")[0]  # (3, crop_frames, crop_h, crop_w)
         return {
