@@ -29,6 +29,8 @@ dataset_app = typer.Typer(
     help="Inspect and restore versioned datasets (DVC).", no_args_is_help=True
 )
 app.add_typer(dataset_app, name="dataset")
+checkpoint_app = typer.Typer(help="Training checkpoints (DeepSpeed).", no_args_is_help=True)
+app.add_typer(checkpoint_app, name="checkpoint")
 
 Profile = Annotated[
     str,
@@ -822,6 +824,30 @@ def airflow_ui(port: Annotated[int, typer.Option(help="The api-server's port.")]
     from components.orchestration import airflow_local
 
     airflow_local.serve_ui(port)
+
+
+@checkpoint_app.command("universal")
+def checkpoint_universal(
+    path: Annotated[
+        Path, typer.Argument(help="A sealed checkpoint directory, e.g. CKPT/step-0000100.")
+    ],
+    timeout: Annotated[float, typer.Option(help="Seconds ds_to_universal may take.")] = 3600.0,
+) -> None:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format (the sibling
+    <step>-universal, sealed), so the run resumes on another process count or ZeRO stage."""
+    from components.core.trainer import CheckpointRefused, make_universal
+
+    if not path.is_dir():
+        raise typer.BadParameter(f"{path} is not a checkpoint directory", param_hint="PATH")
+    try:
+        out = make_universal(path, timeout_s=timeout)
+    except CheckpointRefused as exc:
+        typer.echo(f"error: {path} is refused: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"wrote {out} (sealed); resuming with another process count now loads it")
 
 
 @app.command("config")

@@ -681,7 +681,11 @@ class Trainer:
     def checkpoints(self) -> list[Path]:
         if not self.checkpoint_dir.is_dir():
             return []
-        done = [p for p in self.checkpoint_dir.glob("step-*") if (p / "COMPLETE").exists()]
+        done = [
+            p
+            for p in self.checkpoint_dir.glob("step-*")
+            if (p / SEAL).exists() and not p.name.endswith(UNIVERSAL_SUFFIX)
+        ]
         return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
     def save_checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
@@ -735,6 +739,15 @@ class Trainer:
         if path is None:
             return None
         tag, universal = self._resume_tag(path)
+        if universal:  # DeepSpeed unpickles it too: only a sealed conversion of this checkpoint
+            try:
+                if verify_checkpoint(path.with_name(tag)).get("universal_of") != path.name:
+                    raise CheckpointRefused(f"its seal does not say it converts {path.name}")
+            except CheckpointRefused as exc:
+                raise CheckpointRefused(
+                    f"{path.with_name(tag)} is not a sealed universal copy of {path}: {exc}. "
+                    f"Convert it again with `{_universal_command(path)}`"
+                ) from None
         config = self.engine._config  # DeepSpeed reads the universal switch at load time
         forced = config.load_universal_checkpoint
         config.load_universal_checkpoint = universal
@@ -786,8 +799,7 @@ class Trainer:
         if forced:
             raise ValueError(
                 f"checkpoint.load_universal is set in deepspeed={self.train.deepspeed!r} but "
-                f"{universal} does not exist; convert {path} first:\n  "
-                + _universal_command(path, universal)
+                f"{universal} does not exist; convert {path} first:\n  " + _universal_command(path)
             )
         if mismatch:
             raise ValueError(
@@ -797,7 +809,7 @@ class Trainer:
                 f"train.num_processes={saved_world} and the same DeepSpeed file, or convert the "
                 "checkpoint to DeepSpeed's universal format and retry (the trainer loads it, "
                 'as "checkpoint": {"load_universal": true} in the DeepSpeed file would):\n  '
-                + _universal_command(path, universal)
+                + _universal_command(path)
             )
         return path.name, False
 
@@ -899,11 +911,44 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     return body
 
 
-def _universal_command(path: Path, universal: Path) -> str:
-    return (
-        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {path} "
-        f"--output_folder {universal} --inject_missing_state"
-    )
+def _universal_command(path: Path) -> str:
+    return f"tessera checkpoint universal {path}"
+
+
+def make_universal(path: Path, timeout_s: float = 3600.0) -> Path:
+    """Convert sealed ZeRO checkpoint ``path`` with DeepSpeed's ``ds_to_universal`` into the
+    sibling ``<step>-universal`` and seal that too (``tessera checkpoint universal``).
+
+    ``ds_to_universal`` unpickles what it reads, so ``path`` is verified first; its output is
+    written beside and sealed before it is moved into place, so resume (which verifies every
+    directory DeepSpeed loads) never loads an unsealed or half-converted universal copy.
+    """
+    path = Path(path)
+    body = verify_checkpoint(path)  # CheckpointRefused: nothing is unpickled
+    universal = path.with_name(f"{path.name}{UNIVERSAL_SUFFIX}")
+    staging = path.with_name(f".{universal.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
+    command += ["--input_folder", str(path), "--output_folder", str(staging)]
+    command += ["--inject_missing_state"]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(
+            f"ds_to_universal on {path} did not finish in {timeout_s:g} s; nothing was written"
+        ) from None
+    if proc.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RuntimeError(
+            f"ds_to_universal failed on {path} (exit {proc.returncode}); nothing was written:\n"
+            + proc.stderr[-3000:]
+        )
+    state = {k: v for k, v in body.items() if k not in ("files", "hmac")}
+    seal_checkpoint(staging, {**state, "universal_of": path.name})
+    shutil.rmtree(universal, ignore_errors=True)
+    os.replace(staging, universal)
+    return universal
 
 
 def _rng_state() -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,11 +214,14 @@ def test_resume_under_zero_continues_the_uninterrupted_trajectory(tmp_path, stag
 @pytest.mark.slow
 def test_a_zero_checkpoint_resumes_on_another_process_count_once_made_universal(tmp_path):
     """ZeRO >= 1 partitions the optimizer state per rank: resuming a 2-process checkpoint on 1
-    process is refused, naming the conversion; after it the run continues exactly."""
+    process is refused, naming the conversion; the conversion is sealed, so a pickle planted in
+    it afterwards is refused before DeepSpeed unpickles anything; after it the run continues
+    exactly."""
     import subprocess
     import sys
 
     from components.core.trainer import TrainingFailed
+    from tests.faults.test_checkpoints import plant
 
     full = _run(tmp_path, _zero_payload(tmp_path, "full", 1, 2), 2)
     _run(tmp_path, {**_zero_payload(tmp_path, "split", 1, 2), "stop_at": 3}, 2)
@@ -225,11 +229,25 @@ def test_a_zero_checkpoint_resumes_on_another_process_count_once_made_universal(
     with pytest.raises(TrainingFailed, match=r"written by 2 process\(es\) under ZeRO stage 1"):
         _run(tmp_path, on_one, 1)
     log = (tmp_path / "logs" / "train.log").read_text()
-    line = next(line for line in log.splitlines() if "ds_to_universal --input_folder" in line)
-    command = line[line.index("python -m") :].split()  # after the "[rank0]:" of the traceback
-    assert command[:3] == ["python", "-m", "deepspeed.checkpoint.ds_to_universal"]
+    line = next(line for line in log.splitlines() if "tessera checkpoint universal" in line)
+    command = line[line.index("tessera checkpoint") :].split()  # after the traceback's "[rank0]:"
     assert "load_universal" in log
-    subprocess.run([sys.executable, *command[1:]], check=True, capture_output=True)
+    tessera = str(Path(sys.executable).with_name("tessera"))
+    done = subprocess.run([tessera, *command[1:]], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    universal = tmp_path / "split" / "ckpt" / "step-0000003-universal"
+    assert f"wrote {universal} (sealed)" in done.stdout
+    import shutil
+
+    marker, kept = tmp_path / "executed", tmp_path / "kept.pt"
+    (states,) = universal.glob("*model_states.pt")  # what DeepSpeed unpickles first
+    shutil.copy(states, kept)
+    plant(states, marker)  # a live pickle payload in its place: unpickling it makes the marker
+    with pytest.raises(TrainingFailed, match="not a sealed universal copy"):
+        _run(tmp_path, on_one, 1)
+    assert not marker.exists()
+    assert "does not match its sealed sha256" in (tmp_path / "logs" / "train.log").read_text()
+    shutil.copy(kept, states)
     resumed = _run(tmp_path, on_one, 1)
     assert resumed["world_size"] == 1 and resumed["step"] == 6
     assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=1e-5)
