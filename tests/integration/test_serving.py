@@ -283,6 +283,74 @@ def test_burst_beyond_max_concurrency_is_refused_with_503_and_the_server_recover
     assert status == 200, body
 
 
+def _tree_rss(pgid: int) -> int:
+    """Resident bytes of every process in process group ``pgid`` (the server and its children)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # field 5 of /proc/PID/stat: the process group
+                status = (stat.parent / "status").read_text()
+                total += int(status.split("VmRSS:")[1].split()[0]) * 1024
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or a kernel thread
+            continue
+    return total
+
+
+def test_fifty_requests_at_concurrency_eight_no_crash_retryable_refusals_bounded_memory(served):
+    """Load within bounds (issue 17): 8 clients send 50 requests, at most 10 minutes in all, and
+    retry a refusal after its Retry-After, at most 60 times each. Every refusal is a 503 with
+    Retry-After, every request is served in the end, the server's memory does not grow with the
+    requests it served, and it answers afterwards."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = json.dumps(request({"frames": 1, "steps": 2, "format": "png"})).encode()
+    for _ in range(3):  # warm: the first requests allocate what every later one reuses
+        assert post(served.url, body)[0] == 200
+    before = _tree_rss(served.handle.pid)
+    deadline = time.monotonic() + 600
+
+    def one(i: int) -> tuple[list[int], list[str | None], float]:
+        statuses, retry_after, started = [], [], time.monotonic()
+        while len(statuses) < 60 and time.monotonic() < deadline:
+            req = urllib.request.Request(
+                f"{served.url}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    resp.read()
+                    statuses.append(resp.status)
+                    break
+            except urllib.error.HTTPError as e:
+                e.read()
+                statuses.append(e.code)
+                retry_after.append(e.headers.get("Retry-After"))
+                if e.code != 503:
+                    break
+                time.sleep(min(float(e.headers.get("Retry-After") or 1), 1.0) * 0.25)
+        return statuses, retry_after, time.monotonic() - started
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(50)))
+    after = _tree_rss(served.handle.pid)
+    every = [status for statuses, _, _ in results for status in statuses]
+    assert set(every) <= {200, 503}, sorted(set(every))
+    assert [statuses[-1] for statuses, _, _ in results] == [200] * 50  # all served in the end
+    assert every.count(503) >= 1  # 8 clients against serve.max_concurrency=2
+    assert all(retry == "1" for _, retries, _ in results for retry in retries)
+    seconds = sorted(t for _, _, t in results)
+    print(
+        f"load: 50 served, {every.count(503)} refusals retried; per request p50 "
+        f"{seconds[24]:.2f} s, p95 {seconds[47]:.2f} s; server RSS {before / 2**20:.0f} -> "
+        f"{after / 2**20:.0f} MiB"
+    )
+    assert before > 50 * 2**20  # the probe sees the server (torch + the model)
+    assert after - before < 200 * 2**20, (before, after)
+    with urllib.request.urlopen(f"{served.url}/ping", timeout=10) as resp:
+        assert resp.status == 200
+
+
 def test_the_printed_curl_line_gets_a_video(served, tmp_path):
     """The line `make demo` prints for users, pasted into a shell as is."""
     import subprocess
