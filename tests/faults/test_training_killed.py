@@ -17,7 +17,7 @@ import json
 import pytest
 import torch
 
-from components.core import faults, trainer
+from components.core import faults, storage, trainer
 from components.core.config import load_config
 from tests.components.steps import test_train_dit as dit_tests
 from tests.components.steps import test_train_vae as vae_tests
@@ -98,3 +98,42 @@ def test_a_killed_vae_resumes_and_matches_the_uninterrupted_run(manifest, tmp_pa
         json.loads((tmp_path / d / "vae" / "config.json").read_text()) for d in ("whole", "split")
     ]
     assert saved[1]["scaling_factor"] == pytest.approx(saved[0]["scaling_factor"], rel=1e-5)
+
+
+def test_a_killed_sweep_point_resumes_from_its_checkpoint_and_matches_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    """A sweep point is a train_dit run into ``checkpoints/<run>/sweep/<key>``: killed after its
+    checkpoint 3, the retry of that point alone resumes there and ends as an uninterrupted run of
+    the same point (another pipeline run) ends."""
+    from components.core import runner
+    from components.core.runner import RunContext
+    from components.steps import sweep
+    from tests.testing_utils.data import write_fake_latents
+
+    latents_uri = write_fake_latents(tmp_path / "latents")
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
+    cfg = load_config(
+        "tiny", [*dit_tests.TINY, "sweep.budgets=[4e8]", "train_dit.train.checkpoint_every=3"]
+    )
+
+    def point(run_id: str) -> tuple[RunContext, dict]:
+        ctx = RunContext(run_id, "cli", None, track=False)
+        (row,) = runner.plan_parts(sweep.STEP, cfg, ctx, latents=latents_uri)
+        return ctx, row
+
+    ref_ctx, row = point("sweep-reference")
+    reference = runner.run_part(sweep.STEP, cfg, ref_ctx, row, latents=latents_uri)
+    assert row["steps"] >= 6, row
+    ctx, row = point("sweep-killed")
+    monkeypatch.setenv(faults.ENV, f"train.sigkill.{row['key']}.step-0000003")
+    with pytest.raises(trainer.TrainingFailed, match="exit code"):
+        runner.run_part(sweep.STEP, cfg, ctx, row, latents=latents_uri)
+    ckpt = tmp_path / "home" / "checkpoints" / ctx.run_id / "sweep" / row["key"]
+    assert (ckpt / "step-0000003" / "COMPLETE").exists()
+    assert not storage.exists(runner.part_uri(cfg, ctx.run_id, "sweep", row))  # nothing committed
+    resumed = runner.run_part(sweep.STEP, cfg, ctx, row, latents=latents_uri)
+    assert "at step 3" in _resumed_line((ckpt / "train_dit.log").read_text())
+    assert resumed["steps"] == reference["steps"] == row["steps"]
+    assert resumed["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+    assert resumed["train_flops"] == pytest.approx(reference["train_flops"], rel=1e-9)
