@@ -11,6 +11,8 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task, teardown
 
+from components.orchestration import kubernetes
+
 DOC = """
 ### Re-captioning ablation
 Reuses a finished `tessera_pipeline` run (**source_run**, default the latest): its latents (encoded
@@ -19,7 +21,9 @@ evaluator and demo corpus. `start` opens the parent MLflow run (experiment
 `tessera/recaption_ablation`) and `source` reads the source run's outputs. At equal compute
 (**budget**, training FLOPs), the sweep trains two DiTs with `train_dit.captions` = `short` and
 `recaptioned`: `sweep_plan` plans them, `sweep_point` trains each (pool `accelerator`), `sweep`
-collects them. `recaption_ablation_plan` plans the four cells (each model prompted with the same
+collects them (with `[tessera] task_mode = kubernetes` each point is a GPU pod running
+`tessera task sweep --part`, its arguments made by `sweep_point_args`, as in `tessera_pipeline`).
+`recaption_ablation_plan` plans the four cells (each model prompted with the same
 short prompts, as typed and expanded by the configured `expand` backend),
 `recaption_ablation_cell` samples one cell and scores colour following and `clip_score_domain`,
 and `recaption_ablation` writes the 2x2 table with paired bootstrap intervals (`ablation.md`,
@@ -97,6 +101,18 @@ def recaption_ablation():
             "sweep", _params(dict(params)), run, point, latents=src["latents"], vae=src["vae"]
         )
 
+    @task(execution_timeout=timedelta(minutes=10), doc_md="The sweep points' pod arguments.")
+    def sweep_point_args(run: dict, src: dict, points: list, params=None) -> list:
+        inputs = kubernetes.to_json({"latents": src["latents"], "vae": src["vae"]})
+        common = {
+            "params": kubernetes.to_json(_params(dict(params))),
+            "run": kubernetes.to_json(run),
+        }
+        return [
+            kubernetes.task_arguments("sweep", part=kubernetes.to_json(p), inputs=inputs, **common)
+            for p in points
+        ]
+
     @task(execution_timeout=timedelta(hours=1))
     def sweep(run: dict, points: list, params=None) -> dict:
         from components.orchestration import tasks
@@ -147,7 +163,21 @@ def recaption_ablation():
 
     run = start()
     src = source()
-    points = sweep_point.partial(run=run, src=src).expand(point=sweep_plan(run, src))
+    planned = sweep_plan(run, src)
+    if kubernetes.task_mode() == "kubernetes":  # the same pods as tessera_pipeline's points
+        points = (
+            kubernetes.pod_operator(
+                "sweep_point",
+                mapped=True,
+                doc_md="Train one DiT (a pod: `tessera task sweep --part`)",
+                pool=ACCELERATOR_POOL,
+                execution_timeout=timedelta(hours=72),
+            )
+            .expand(arguments=sweep_point_args(run, src, planned))
+            .output
+        )
+    else:
+        points = sweep_point.partial(run=run, src=src).expand(point=planned)
     swept = sweep(run, points)
     cells = recaption_ablation_cell.partial(run=run, src=src, swept=swept).expand(
         cell=recaption_ablation_plan(run, swept)

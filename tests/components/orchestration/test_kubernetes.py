@@ -128,6 +128,19 @@ def test_the_sweep_points_stay_mapped_pods(pods):
     assert pods["sweep_point_args"]["kind"] == "_PythonDecoratedOperator"
 
 
+def test_the_recaption_ablations_points_are_the_same_pods(tmp_path):
+    found = _parse(tmp_path, "recaption_ablation", "kubernetes")
+    point = found["sweep_point"]
+    assert point["kind"] == "MappedOperator" and point["operator"] == "KubernetesPodOperator"
+    assert point["expand"] == ["arguments"] and point["pool"] == "accelerator"
+    assert point["image"] == "tessera:0.1.0" and point["limits"]["nvidia.com/gpu"] == "1"
+    assert point["cmds"] == ["tessera"]
+    assert found["sweep_point_args"]["kind"] == "_PythonDecoratedOperator"
+    local = _parse(tmp_path / "local", "recaption_ablation", "local")
+    assert local["sweep_point"]["kind"] == "DecoratedMappedOperator"
+    assert "sweep_point_args" not in local
+
+
 def test_pod_settings_come_from_the_tessera_section(tmp_path):
     found = _parse(
         tmp_path,
