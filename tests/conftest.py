@@ -14,6 +14,36 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+# --------------------------------------------------------------------------- the fault suite's report
+
+
+@pytest.fixture(autouse=True)
+def _fault_kind(request, record_property):
+    """A test marked ``fault("kind")`` carries its kind in its report (across xdist workers)."""
+    if (mark := request.node.get_closest_marker("fault")) is not None:
+        record_property("fault", mark.args[0])
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Per kind of fault or bad input: cases injected or tried, and how many the product
+    survived (the test passed: the fault was handled, the input refused, nothing lost)."""
+    counts: dict[str, list[int]] = {}
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            kind = dict(getattr(report, "user_properties", ())).get("fault")
+            if kind is None or report.when not in ("call", "setup"):
+                continue
+            if report.when == "setup" and outcome != "error":
+                continue
+            tried = counts.setdefault(kind, [0, 0])
+            tried[0] += 1
+            tried[1] += outcome == "passed"
+    if counts:
+        terminalreporter.section("fault suite")
+        for kind, (tried, survived) in sorted(counts.items()):
+            terminalreporter.write_line(f"{kind:<45} {tried:>3} tried, {survived:>3} survived")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

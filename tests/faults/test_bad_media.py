@@ -6,8 +6,11 @@ from __future__ import annotations
 import av
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from tests.components.steps.test_ingest import ingest_into, make_cfg
+
+pytestmark = pytest.mark.fault("bad input: media")
 
 
 def encode_avi(path, frames: int = 30):

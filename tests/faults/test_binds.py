@@ -12,6 +12,8 @@ import pytest
 
 from components.core.tracking import MlflowServer
 
+pytestmark = pytest.mark.fault("security: loopback binds")
+
 TESSERA = str(Path(sys.executable).with_name("tessera"))
 
 

@@ -15,6 +15,8 @@ import pytest
 from components.core import trainer
 from tests.components.core.test_trainer import _payload, _run
 
+pytestmark = pytest.mark.fault("security: pickles and damaged checkpoints")
+
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 

@@ -13,7 +13,10 @@ import torch
 
 from tests.components.steps.test_ingest import encode_video, ingest_into, make_cfg
 
-pytestmark = pytest.mark.slow  # spawned probe workers: ~10-20 s
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fault("bad input: media"),
+]  # spawned probe workers: ~10-20 s
 
 
 @pytest.fixture

@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 TESSERA = str(Path(sys.executable).with_name("tessera"))
-pytestmark = pytest.mark.slow  # two CLI runs rendering the tiny demo corpus
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fault("fault: disk full"),
+]  # two CLI runs rendering the tiny demo corpus
 
 
 def _limit_file_size(limit: int):

@@ -15,7 +15,10 @@ import pytest
 from tests.testing_utils.s3_proxy import FaultyS3Proxy
 
 TESSERA = str(Path(sys.executable).with_name("tessera"))
-pytestmark = pytest.mark.slow  # three tracked CLI runs of demo-data: ~40 s
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fault("fault: MLflow down"),
+]  # three tracked CLI runs of demo-data: ~40 s
 
 
 def demo_data(env: dict[str, str], run_id: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,10 @@ from components.steps import ingest
 from tests.components.steps.test_ingest import encode_video
 from tests.testing_utils.s3_proxy import FaultyS3Proxy
 
-pytestmark = pytest.mark.slow  # retries back off for real: ~20-40 s
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.fault("fault: object store"),
+]  # retries back off for real: ~20-40 s
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ from components.core.runner import RunContext, check_run_id
 from components.steps import version
 from tests.components.steps.test_version import row_for, write_manifest
 
+pytestmark = pytest.mark.fault("bad input: identifiers and paths")
+
 HOSTILE_SEGMENTS = ["..", "../x", "a/../../b", "./a", "a//b", "a\\..\\b", "a\0b", ""]
 
 

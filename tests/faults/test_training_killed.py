@@ -29,7 +29,7 @@ latents, one_process_run, manifest = (
     vae_tests.manifest,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.fault("fault: training killed")]
 
 
 def _kill_at(monkeypatch, tmp_path, folder: str, step: int) -> None:

@@ -279,6 +279,7 @@ def test_mlflow_has_one_parent_and_one_run_per_step(pipeline_run, mlflow_server)
     assert len(shards) == summary["encode"]["shards"]
 
 
+@pytest.mark.fault("fault: re-runs")
 def test_the_failed_sweep_point_was_retried_alone_and_resumed(pipeline_run):
     import sqlite3
 
@@ -299,6 +300,7 @@ def test_the_failed_sweep_point_was_retried_alone_and_resumed(pipeline_run):
     assert "resumed from step" in log.read_text()  # the retry did not train again
 
 
+@pytest.mark.fault("fault: re-runs")
 def test_rerun_same_run_is_a_no_op(pipeline_run, monkeypatch):
     """Re-running finished steps under the same run id returns their recorded outputs."""
     from components.core import runner
@@ -313,6 +315,7 @@ def test_rerun_same_run_is_a_no_op(pipeline_run, monkeypatch):
     assert again == summary["ingest"]
 
 
+@pytest.mark.fault("fault: re-runs")
 def test_the_whole_dag_rerun_under_the_run_name_reuses_every_step(pipeline_run, mlflow_server):
     """``tessera run --run-name ID`` (what ``make demo`` does on a second call): a new DAG run
     that keeps the committed steps of run ID, opens no new MLflow runs and registers nothing

@@ -147,6 +147,7 @@ print(json.dumps({"rows": len(out), "artifacts": where}))
     assert loaded["artifacts"].startswith(f"s3://{BUCKET}/mlflow/"), loaded
 
 
+@pytest.mark.fault("security: planted secrets")
 def test_planted_secrets_appear_nowhere(services, s3_run):
     """The database password, the S3 secret key and every Tessera / MLflow credential variable
     hold planted values; none of them is in the run's output, any file under TESSERA_HOME or

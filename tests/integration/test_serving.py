@@ -208,6 +208,7 @@ def test_health_and_version(served):
         "malformed",
     ],
 )
+@pytest.mark.fault("bad input: serving requests")
 def test_bad_requests_are_4xx_naming_the_field(served, body, words):
     status, err = post(served.url, body)
     assert 400 <= status < 500, (status, err)
@@ -249,6 +250,7 @@ def raw_post(url: str, body: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(rest)
 
 
+@pytest.mark.fault("bad input: serving requests")
 def test_ten_megabyte_prompt_is_413(served):
     body = json.dumps(request({"frames": 5}, prompt="x" * 10_000_000)).encode()
     status, err = raw_post(served.url, body)
@@ -260,6 +262,7 @@ def test_ten_megabyte_prompt_is_413(served):
 # --------------------------------------------------------------------------- concurrency
 
 
+@pytest.mark.fault("load: serving")
 def test_burst_beyond_max_concurrency_is_refused_with_503_and_the_server_recovers(served):
     barrier = threading.Barrier(6)
     results: list[int] = []
@@ -297,6 +300,7 @@ def _tree_rss(pgid: int) -> int:
     return total
 
 
+@pytest.mark.fault("load: serving")
 def test_fifty_requests_at_concurrency_eight_no_crash_retryable_refusals_bounded_memory(served):
     """Load within bounds (issue 17): 8 clients send 50 requests, at most 10 minutes in all, and
     retry a refusal after its Retry-After, at most 60 times each. Every refusal is a 503 with

@@ -31,6 +31,7 @@ def test_config_is_frozen():
         cfg.seed = 3
 
 
+@pytest.mark.fault("bad input: configs")
 def test_unknown_key_names_full_path_and_allowed_keys(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("ingest:\n  wokers: 3\n")
@@ -40,6 +41,7 @@ def test_unknown_key_names_full_path_and_allowed_keys(tmp_path):
     assert "ingest.wokers" in msg and "workers" in msg and "allowed keys at ingest" in msg
 
 
+@pytest.mark.fault("bad input: configs")
 def test_unknown_section(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("ingset: {}\n")
@@ -58,6 +60,7 @@ def test_unknown_section(tmp_path):
         ("ingest=3", "ingest: expected a mapping"),
     ],
 )
+@pytest.mark.fault("bad input: configs")
 def test_wrong_types_raise_with_key_path(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override])
@@ -79,6 +82,7 @@ def test_int_accepted_where_float_expected():
     assert load_config("tiny", ["validate.mostly=1"]).validate.mostly == 1.0
 
 
+@pytest.mark.fault("bad input: configs")
 def test_bad_override_syntax_and_unknown_profile():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config("tiny", ["ingest.workers"])

@@ -199,6 +199,7 @@ def test_registering_the_same_run_again_returns_its_version(env, first):
     ]
 
 
+@pytest.mark.fault("fault: MLflow down")
 def test_mlflow_down_mid_registration_is_resumed_by_the_rerun_without_duplicates(env, monkeypatch):
     """MLflow goes down right after it created the t2v version (before its alias, the VAE's
     version and the completion tag): the step fails naming the server and commits nothing; the

@@ -212,6 +212,7 @@ def test_resume_under_zero_continues_the_uninterrupted_trajectory(tmp_path, stag
 
 
 @pytest.mark.slow
+@pytest.mark.fault("security: pickles and damaged checkpoints")
 def test_a_zero_checkpoint_resumes_on_another_process_count_once_made_universal(tmp_path):
     """ZeRO >= 1 partitions the optimizer state per rank: resuming a 2-process checkpoint on 1
     process is refused, naming the conversion; the conversion is sealed, so a pickle planted in

@@ -193,6 +193,7 @@ class TestIngestStep(StepTesterMixin):
 
 
 @pytest.mark.parametrize(("name", "reason"), sorted(BAD.items()))
+@pytest.mark.fault("bad input: media")
 def test_bad_file_is_quarantined_with_its_reason(first_run, corpus, name, reason):
     _, out = first_run
     assert reasons(out, corpus).get(name) == reason
@@ -261,6 +262,7 @@ def test_quarantine_rows_say_what_is_wrong_and_what_to_do(first_run, corpus):
     assert "text file" in by_name["k_notes.mp4"]["message"]
 
 
+@pytest.mark.fault("bad input: media")
 def test_frame_bounds_quarantine_short_and_long_clips_but_not_stills(corpus, tmp_path):
     cfg = make_cfg(tmp_path, min_frames=2, max_frames=5)
     result = ingest_into(cfg, tmp_path / "out", corpus)

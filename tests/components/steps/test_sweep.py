@@ -196,6 +196,7 @@ class TestSweepStep(StepTesterMixin):
 
 
 @pytest.mark.slow
+@pytest.mark.fault("fault: re-runs")
 def test_a_point_failure_is_retried_alone_and_resumes(tessera_home, latents, monkeypatch):
     cfg = load_config("tiny", [*TINY, "sweep.budgets=[4e8,8e8]"])
     ctx = RunContext("sweep-fault", "cli", None, track=False)
