@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -49,6 +50,9 @@ class ObjectInfo:
 # --------------------------------------------------------------------------- URIs
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -56,10 +60,12 @@ def is_s3(uri: str) -> bool:
 def local_path(uri: str | Path) -> Path:
     """Path of a local or ``file://`` URI."""
     uri = str(uri)
-    if uri.startswith("file://"):
+    if uri.startswith("file:"):
         return Path(urlparse(uri).path)
-    if "://" in uri:
-        raise StorageError(f"{uri} is not a local path; use s3://bucket/key or a path")
+    if "://" in uri or _SCHEME.match(uri):  # a URI of another kind, or a mistyped one (s3:/b)
+        raise StorageError(
+            f"{uri} is not a local path; use s3://bucket/key, file:///path or a path"
+        )
     return Path(uri)
 
 

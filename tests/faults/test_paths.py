@@ -26,6 +26,18 @@ def test_join_refuses_segments_that_leave_the_folder(part):
         storage.join("s3://bucket/store", "runs", part)
 
 
+@pytest.mark.parametrize(
+    "uri", ["http://169.254.169.254/latest", "ftp://h/x", "gs://b/k", "hdfs://n/p", "s3:/b/k"]
+)
+def test_only_paths_file_and_s3_uris_reach_the_store(uri, tmp_path):
+    """The allow-list: a local path, file:// or s3://bucket/key; anything else is refused
+    before any request or file access, naming the URI."""
+    for use in (storage.exists, storage.read_bytes, lambda u: storage.write_text(u, "x")):
+        with pytest.raises(storage.StorageError, match="is not a local path|is not an s3://"):
+            use(uri)
+    assert not any(tmp_path.iterdir())
+
+
 def test_join_keeps_a_leading_slash_below_the_folder_and_check_relative_refuses_it():
     assert storage.join("/store", "runs", "/etc") == "/store/runs/etc"
     with pytest.raises(storage.StorageError, match="refusing key '/etc'"):
