@@ -103,15 +103,9 @@ def recaption_ablation():
 
     @task(execution_timeout=timedelta(minutes=10), doc_md="The sweep points' pod arguments.")
     def sweep_point_args(run: dict, src: dict, points: list, params=None) -> list:
-        inputs = kubernetes.to_json({"latents": src["latents"], "vae": src["vae"]})
-        common = {
-            "params": kubernetes.to_json(_params(dict(params))),
-            "run": kubernetes.to_json(run),
-        }
-        return [
-            kubernetes.task_arguments("sweep", part=kubernetes.to_json(p), inputs=inputs, **common)
-            for p in points
-        ]
+        return kubernetes.sweep_point_arguments(
+            run, src["latents"], src["vae"], points, _params(dict(params))
+        )
 
     @task(execution_timeout=timedelta(hours=1))
     def sweep(run: dict, points: list, params=None) -> dict:

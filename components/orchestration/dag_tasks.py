@@ -214,12 +214,7 @@ def sweep_point(run: dict, latents: dict, vae: dict, point: dict, params=None) -
 @task(execution_timeout=timedelta(minutes=10), doc_md="The sweep points' pod arguments.")
 def sweep_point_args(run: dict, latents: dict, vae: dict, points: list, params=None) -> list:
     """One ``tessera task sweep --part`` argument list per planned point (kubernetes mode)."""
-    inputs = kubernetes.to_json({"latents": latents["latents"], "vae": vae["vae"]})
-    common = {"params": kubernetes.to_json(params), "run": kubernetes.to_json(run)}
-    return [
-        kubernetes.task_arguments("sweep", part=kubernetes.to_json(p), inputs=inputs, **common)
-        for p in points
-    ]
+    return kubernetes.sweep_point_arguments(run, latents["latents"], vae["vae"], points, params)
 
 
 @task(execution_timeout=timedelta(hours=1), doc_md="Fit the scaling law; select the best run.")

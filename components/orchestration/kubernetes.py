@@ -153,6 +153,19 @@ def task_arguments(
     return [*args, "--params", params, "--run", run, "--inputs", inputs, "--output", output]
 
 
+def sweep_point_arguments(
+    run: Mapping[str, Any], latents: str, vae: str, points: list, params: Mapping[str, Any]
+) -> list[list[str]]:
+    """One ``tessera task sweep --part`` argument list per planned sweep point."""
+    inputs = to_json({"latents": latents, "vae": vae})
+    return [
+        task_arguments(
+            "sweep", part=to_json(p), inputs=inputs, params=to_json(params), run=to_json(run)
+        )
+        for p in points
+    ]
+
+
 def templated_arguments(step: str, inputs: Mapping[str, Pull]) -> list[str]:
     """``tessera task`` arguments as Jinja templates: the DAG's params, the run handle of the
     ``start`` task and each input pulled from its upstream task's XCom."""

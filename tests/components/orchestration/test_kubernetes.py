@@ -128,6 +128,16 @@ def test_the_sweep_points_stay_mapped_pods(pods):
     assert pods["sweep_point_args"]["kind"] == "_PythonDecoratedOperator"
 
 
+def test_sweep_point_arguments_carry_each_point_and_the_shared_inputs():
+    points = [{"key": "a"}, {"key": "b"}]
+    args = kubernetes.sweep_point_arguments({"run_id": "r"}, "s3://l", "s3://v", points, {"x": 1})
+    assert len(args) == 2 and all(a[:3] == ["task", "sweep", "--part"] for a in args)
+    assert [json.loads(a[3]) for a in args] == points
+    opts = dict(zip(args[1][4::2], args[1][5::2], strict=True))
+    assert json.loads(opts["--inputs"]) == {"latents": "s3://l", "vae": "s3://v"}
+    assert json.loads(opts["--params"]) == {"x": 1} and json.loads(opts["--run"]) == {"run_id": "r"}
+
+
 def test_the_recaption_ablations_points_are_the_same_pods(tmp_path):
     found = _parse(tmp_path, "recaption_ablation", "kubernetes")
     point = found["sweep_point"]
