@@ -11,7 +11,8 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task, teardown
 
-from components.orchestration import kubernetes
+from components.orchestration import dag_tasks, kubernetes
+from components.orchestration.dag_tasks import ACCELERATOR_POOL
 
 DOC = """
 ### Re-captioning ablation
@@ -38,7 +39,6 @@ PARAMS = {
     "budget": Param(4.0e13, type="number", description="training FLOPs of each of the two DiTs"),
     "track": Param(True, type="boolean", description="log to MLflow"),
 }
-ACCELERATOR_POOL = "accelerator"
 
 
 def _params(params: dict) -> dict:
@@ -159,17 +159,7 @@ def recaption_ablation():
     src = source()
     planned = sweep_plan(run, src)
     if kubernetes.task_mode() == "kubernetes":  # the same pods as tessera_pipeline's points
-        points = (
-            kubernetes.pod_operator(
-                "sweep_point",
-                mapped=True,
-                doc_md="Train one DiT (a pod: `tessera task sweep --part`)",
-                pool=ACCELERATOR_POOL,
-                execution_timeout=timedelta(hours=72),
-            )
-            .expand(arguments=sweep_point_args(run, src, planned))
-            .output
-        )
+        points = dag_tasks.sweep_point_pods(sweep_point_args(run, src, planned))
     else:
         points = sweep_point.partial(run=run, src=src).expand(point=planned)
     swept = sweep(run, points)

@@ -239,6 +239,18 @@ _POD_TASKS = {  # training task -> its Airflow arguments (the same in both modes
 }
 
 
+def sweep_point_pods(arguments: Any) -> Any:
+    """The sweep points as mapped pods over ``arguments`` (a task's list of argument lists);
+    their XComs, as the ``sweep`` task gathers them (tessera_pipeline, recaption_ablation)."""
+    pods = kubernetes.pod_operator(
+        "sweep_point",
+        mapped=True,
+        doc_md="Train one DiT of the sweep (a pod: `tessera task sweep --part`)",
+        **_POD_TASKS["sweep_point"],
+    )
+    return pods.expand(arguments=arguments).output
+
+
 def _pod(task_id: str, run: Any, upstream: list[Any], doc: str, **inputs: Pull) -> Any:
     """A training task as a pod; its XCom inputs are pulled when its arguments render."""
     op = kubernetes.pod_operator(
@@ -287,17 +299,7 @@ def train_group(run: Any, dataset: Any, corpus_task: str) -> dict[str, Any]:
         latents = encode(run, latent_shards)
         planned = sweep_plan(run, latents)
         if pods:
-            args = sweep_point_args(run, latents, vae, planned)
-            points = (
-                kubernetes.pod_operator(
-                    "sweep_point",
-                    mapped=True,
-                    doc_md="Train one DiT of the sweep (a pod: `tessera task sweep --part`)",
-                    **_POD_TASKS["sweep_point"],
-                )
-                .expand(arguments=args)
-                .output
-            )
+            points = sweep_point_pods(sweep_point_args(run, latents, vae, planned))
         else:
             points = sweep_point.partial(run=run, latents=latents, vae=vae).expand(point=planned)
         dit = sweep(run, points)
