@@ -305,7 +305,8 @@ class TrainCaptionerConfig:
     max_tokens: int = 128  # caption tokens kept for teacher forcing (longer ones are cut)
     short_rate: float = 0.3  # share of samples trained on the short style (where a clip has one)
     expand_rate: float = 0.25  # share of samples trained on prompt expansion (short -> long text)
-    contrastive_weight: float = 1.0  # CoCa-style video-caption contrastive loss (0: captions only)
+    # CoCa-style loss of clips against their captions' frozen text-encoder (cfg.text) embeddings
+    contrastive_weight: float = 1.0  # 0: captions only (and no text encoder is loaded)
     video_share: float = 0.3  # videos repeated to make at least this share of samples
     cache_mb: int = 512  # decoded, resized training clips kept in memory per process
     eval_every: int = 100  # held-out teacher-forced loss during training

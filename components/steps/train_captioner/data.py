@@ -171,10 +171,17 @@ class CaptionDataset(torch.utils.data.Dataset):
 class Collate:
     """Samples -> the batch the training objective takes: clips of the video tasks (a list, any
     sizes), prompt ids and mask of the expand task, and teacher-forcing ids of all in the order
-    video samples first, then prompt samples."""
+    video samples first, then prompt samples; with ``text_embeds`` (text -> frozen text
+    encoder embedding) also ``text_embeds`` (Bv, E) of the video samples' captions."""
 
-    def __init__(self, tokenizer: CaptionTokenizer, max_tokens: int):
+    def __init__(
+        self,
+        tokenizer: CaptionTokenizer,
+        max_tokens: int,
+        text_embeds: dict[str, torch.Tensor] | None = None,
+    ):
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.text_embeds = text_embeds
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         ordered = [s for s in samples if s["video"] is not None]
@@ -194,7 +201,11 @@ class Collate:
             "targets": targets,
             "positions": [int(s["position"]) for s in samples],
             "tasks": [s["task"] for s in samples],
+            "text_embeds": None,
         }
+        videos = [s for s in ordered if s["video"] is not None]
+        if self.text_embeds is not None and videos:
+            batch["text_embeds"] = torch.stack([self.text_embeds[s["text"]] for s in videos])
         if prompts:
             batch["prompt_ids"], batch["prompt_mask"] = prompt_batch(
                 self.tokenizer, prompts, self.max_tokens

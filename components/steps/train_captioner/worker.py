@@ -62,18 +62,27 @@ class CaptionObjective(nn.Module):
     the expand samples, one decoder pass over both, the teacher-forced loss.
 
     While training, a CoCa-style contrastive loss (weight ``contrastive_weight``) is added: the
-    masked-mean video memory of each clip against the masked-mean of its caption through the
-    captioner's own prompt encoder, so the visual tokens are pushed to carry what the words
-    name. Its projections and temperature live here (training-only, not saved with the model);
+    masked-mean video memory of each clip against its caption's embedding by the pipeline's
+    frozen text encoder (``cfg.text``, as the evaluator's text tower), so the visual tokens are
+    pushed to carry what the words name. A fixed text side is what makes this fast: against the
+    captioner's own, still-random prompt encoder (the first design), the demo corpus's held-out
+    colour accuracy after 400 steps was 0.32, against the frozen encoder 0.44 (background 0.09 ->
+    0.25). Its projections and temperature live here (training-only, not saved with the model);
     identical captions in a batch count as positives of each other.
     """
 
-    def __init__(self, config: CaptionerConfig, contrastive_weight: float = 1.0, embed: int = 64):
+    def __init__(
+        self,
+        config: CaptionerConfig,
+        contrastive_weight: float = 1.0,
+        text_dim: int = 384,
+        embed: int = 64,
+    ):
         super().__init__()
         self.captioner = Captioner(config)
         self.contrastive_weight = contrastive_weight
         self.video_proj = nn.Linear(config.dim, embed, bias=False)
-        self.text_proj = nn.Linear(config.dim, embed, bias=False)
+        self.text_proj = nn.Linear(text_dim, embed, bias=False)  # from the frozen text encoder
         self.log_scale = nn.Parameter(torch.full((1,), math.log(10.0)))  # 1 / temperature
 
     def forward(
@@ -83,15 +92,19 @@ class CaptionObjective(nn.Module):
         prompt_mask: Tensor | None,
         inputs: Tensor,
         targets: Tensor,
+        text_embeds: Tensor | None = None,
     ) -> Tensor:
+        """``text_embeds`` (Bv, text_dim): the frozen encoder's caption embedding of each video
+        sample (None: no contrastive term)."""
         model = self.captioner
         memories = []
         contrastive = None
         if videos:
             memory, mask = model.encode_videos(videos)  # (Bv, M, D)
             memories += [(m[k]) for m, k in zip(memory, mask, strict=True)]
-            if self.training and self.contrastive_weight > 0 and len(videos) > 1:
-                contrastive = self.contrastive(memory, mask, targets[: len(videos)])
+            wanted = self.training and self.contrastive_weight > 0 and text_embeds is not None
+            if wanted and len(videos) > 1:
+                contrastive = self.contrastive(memory, mask, text_embeds, targets[: len(videos)])
         if prompt_ids is not None:
             memory, mask = model.encode_prompts(prompt_ids, prompt_mask)  # (Bp, P, D)
             memories += [(m[k]) for m, k in zip(memory, mask, strict=True)]
@@ -101,21 +114,34 @@ class CaptionObjective(nn.Module):
             loss = loss + self.contrastive_weight * contrastive
         return loss
 
-    def contrastive(self, memory: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
-        """Symmetric InfoNCE between clips (memory (B, M, D), mask (B, M)) and their captions
-        (the teacher-forcing targets (B, L): caption ids then [SEP], padded with IGNORE_INDEX)."""
-        model = self.captioner
-        text_mask = targets != IGNORE_INDEX  # (B, L)
-        ids = torch.where(text_mask, targets, model.config.unk_id)  # (B, L)
-        text, _ = model.encode_prompts(ids, text_mask)  # (B, L, D)
+    def contrastive(
+        self, memory: Tensor, mask: Tensor, text_embeds: Tensor, targets: Tensor
+    ) -> Tensor:
+        """Symmetric InfoNCE between clips (memory (B, M, D), mask (B, M)) and their captions'
+        frozen embeddings (B, text_dim); the teacher-forcing targets (B, L) tell which captions
+        are identical."""
         v = F.normalize(self.video_proj(masked_mean(memory, mask)), dim=-1)  # (B, E)
-        t = F.normalize(self.text_proj(masked_mean(text, text_mask)), dim=-1)  # (B, E)
+        t = F.normalize(self.text_proj(text_embeds.to(v.dtype)), dim=-1)  # (B, E)
         logits = self.log_scale.clamp(max=math.log(100.0)).exp() * v @ t.T  # (B, B)
+        ids = torch.where(targets != IGNORE_INDEX, targets, 0)  # (B, L)
         same = (ids[:, None] == ids[None]).all(-1).float()  # (B, B) identical captions
         soft = same / same.sum(1, keepdim=True)  # (B, B) rows sum to 1
         loss_v = -(soft * logits.float().log_softmax(1)).sum(1).mean()
         loss_t = -(soft * logits.float().log_softmax(0)).sum(0).mean()
         return (loss_v + loss_t) / 2
+
+
+def caption_embeddings(encoder: Any, texts: list[str], batch: int = 64) -> dict[str, Tensor]:
+    """Each distinct text -> the masked mean of its token states by the frozen ``encoder``
+    (a :class:`model.text.TextEncoder`), float32 on CPU."""
+    distinct = sorted(set(texts))
+    out: dict[str, Tensor] = {}
+    for start in range(0, len(distinct), batch):
+        chunk = distinct[start : start + batch]
+        states, mask = encoder.encode(chunk)  # (b, L, E), (b, L)
+        for text, row in zip(chunk, masked_mean(states, mask).float().cpu(), strict=True):
+            out[text] = row
+    return out
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -128,6 +154,7 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         "prompt_mask": move(batch["prompt_mask"]),
         "inputs": move(batch["inputs"]),
         "targets": move(batch["targets"]),
+        "text_embeds": move(batch.get("text_embeds")),
     }
 
 
@@ -173,8 +200,17 @@ def worker(payload: dict[str, Any]) -> None:
     tokenizer = load_caption_tokenizer()
     picked = select(read_items(payload["manifest"]), tc)
     texts = [t for i in picked["train"] for t in (i.caption, i.short_caption) if t]
+    embeds: dict[str, Tensor] | None = None
+    if tc.contrastive_weight > 0:
+        from components.core import artifacts
+
+        embeds = caption_embeddings(artifacts.load_text_encoder(cfg), texts)
     torch.manual_seed(cfg.seed)
-    objective = CaptionObjective(model_config(tc, tokenizer, texts), tc.contrastive_weight)
+    objective = CaptionObjective(
+        model_config(tc, tokenizer, texts),
+        tc.contrastive_weight,
+        text_dim=len(next(iter(embeds.values()))) if embeds else 384,
+    )
     trainer = tr.Trainer(
         objective, train, Path(payload["checkpoint_dir"]), payload.get("mlflow_run_id")
     )
@@ -184,7 +220,7 @@ def worker(payload: dict[str, Any]) -> None:
     dataset = CaptionDataset(
         tr.balance_kinds(picked["train"], tc.video_share, lambda i: i.clip.kind), tc, cfg.seed
     )
-    collate = Collate(tokenizer, tc.max_tokens)
+    collate = Collate(tokenizer, tc.max_tokens, embeds)
     sampler = tr.PositionedSampler(
         tr.ResumableSampler(
             len(dataset),
@@ -197,7 +233,8 @@ def worker(payload: dict[str, Any]) -> None:
     loader = tr.data_loader(
         dataset, sampler, train.micro_batch, train.num_workers, cfg.seed, collate_fn=collate
     )
-    val = _val_batches(picked["val"], dataset, collate, train.micro_batch) if rank0 else []
+    val_collate = Collate(tokenizer, tc.max_tokens)  # held-out loss: captions only
+    val = _val_batches(picked["val"], dataset, val_collate, train.micro_batch) if rank0 else []
 
     stop_at = min(int(payload.get("stop_at") or train.steps), train.steps)
     log_every, eval_every = max(1, train.log_every), max(1, tc.eval_every)

@@ -165,24 +165,36 @@ def test_resume_continues_steps_and_data(manifest, tmp_path):
 
 
 def test_the_contrastive_loss_trains_only_and_pairs_clips_with_captions(manifest):
-    tc = load_config("tiny").train_captioner
+    cfg = load_config("tiny")
+    tc = cfg.train_captioner
     tokenizer = worker.load_caption_tokenizer()
     items = data.select(data.read_items(manifest), tc)["train"]
     texts = [t for i in items for t in (i.caption, i.short_caption) if t]
+    embeds = worker.caption_embeddings(artifacts.load_text_encoder(cfg), texts)
+    assert set(embeds) == set(texts) and {e.shape for e in embeds.values()} == {(384,)}
     torch.manual_seed(0)
     objective = worker.CaptionObjective(worker.model_config(tc, tokenizer, texts))
     dataset = data.CaptionDataset(items, tc, seed=0)
     samples = [dataset.sample(k, k % len(items)) for k in range(6)]
     samples = [s for s in samples if s["video"] is not None][:4]
-    batch = data.Collate(tokenizer, tc.max_tokens)(samples)
+    batch = data.Collate(tokenizer, tc.max_tokens, embeds)(samples)
+    assert torch.equal(batch["text_embeds"], torch.stack([embeds[s["text"]] for s in samples]))
     args = {k: batch[k] for k in ("videos", "prompt_ids", "prompt_mask", "inputs", "targets")}
     objective.train()
-    trained = objective(**args)
+    trained = objective(**args, text_embeds=batch["text_embeds"])
     trained.backward()
     assert objective.video_proj.weight.grad.abs().sum() > 0  # the contrastive term is in
+    assert objective.text_proj.weight.grad.abs().sum() > 0
+    objective.zero_grad()
+    captions_only = objective(**args)  # no embeddings: no contrastive term
+    captions_only.backward()
+    assert objective.video_proj.weight.grad is None or not objective.video_proj.weight.grad.any()
     objective.eval()
     with torch.no_grad():
         memory, mask = objective.captioner.encode_videos(batch["videos"])
-        contrastive = objective.contrastive(memory, mask, batch["targets"])
-        assert torch.isclose(objective(**args), trained.detach() - contrastive, atol=1e-5)
+        contrastive = objective.contrastive(
+            memory, mask, batch["text_embeds"], batch["targets"][: len(samples)]
+        )
+        eval_loss = objective(**args, text_embeds=batch["text_embeds"])
+        assert torch.isclose(eval_loss, trained.detach() - contrastive, atol=1e-5)
     assert contrastive.item() > 0
