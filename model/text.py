@@ -417,3 +417,50 @@ class CachedTextEncoder:
         metadata = {"spec": self.name, "max_length": str(self.max_length)}
         save_file({"states": entry[0].contiguous(), "mask": entry[1]}, tmp, metadata=metadata)
         os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- pooled states
+
+_BUCKETS = (16, 32, 64, 128, 256, 512)  # token lengths captions are encoded at (see pooled_states)
+
+
+@torch.no_grad()
+def pooled_states(encoder: Any, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """(N, E) float32 masked means of the encoder's token states of ``texts``.
+
+    The text tower mean-pools the token states first thing, so these are all it needs (passed as
+    (N, 1, E) with an all-True mask; ``model.evaluator`` documents the equivalence). A
+    :class:`model.text.TextEncoder` pads every text to its ``max_length``; texts are encoded
+    here in buckets at the shortest of 16, 32, 64, ... tokens that holds them (never more than
+    the encoder's ``max_length``, so nothing is truncated that it would keep): with the mask the
+    real tokens' states do not depend on the padding, and short captions cost far less.
+    """
+    texts = list(texts)
+    if not texts:
+        return torch.zeros(0, encoder.dim)
+    limit = int(encoder.max_length)
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is None or not hasattr(encoder, "model"):  # any other encode(texts) object
+        groups = {limit: list(range(len(texts)))}
+    else:
+        lengths = [
+            len(ids) for ids in tokenizer(texts, truncation=True, max_length=limit)["input_ids"]
+        ]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault(
+                next((b for b in _BUCKETS if b >= n and b < limit), limit), []
+            ).append(i)
+    out = torch.zeros(len(texts), encoder.dim)
+    for length, idx in groups.items():
+        enc = encoder if length == limit else _with_length(encoder, length)
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start : start + batch_size]
+            states, mask = enc.encode([texts[i] for i in chunk])  # (b, L, E), (b, L)
+            w = mask.float()[..., None]
+            out[chunk] = ((states.float() * w).sum(1) / w.sum(1).clamp(min=1.0)).cpu()
+    return out
+
+
+def _with_length(encoder: Any, length: int) -> Any:
+    return TextEncoder(encoder.name, encoder.model, encoder.tokenizer, length, encoder.batch_size)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.core import artifacts
 from components.core import trainer as tr
 from components.core.config import TesseraConfig, TrainCaptionerConfig, from_dict
 from components.steps.train_captioner.data import (
@@ -34,6 +35,7 @@ from model.captioner import (
     masked_mean,
     pad_tokens,
 )
+from model.text import pooled_states
 
 CAPTIONER_DIR = "captioner"
 RESULT_NAME = "train_result.json"
@@ -131,17 +133,11 @@ class CaptionObjective(nn.Module):
         return (loss_v + loss_t) / 2
 
 
-def caption_embeddings(encoder: Any, texts: list[str], batch: int = 64) -> dict[str, Tensor]:
-    """Each distinct text -> the masked mean of its token states by the frozen ``encoder``
-    (a :class:`model.text.TextEncoder`), float32 on CPU."""
+def caption_embeddings(encoder: Any, texts: list[str]) -> dict[str, Tensor]:
+    """Each distinct text -> its pooled token states by the frozen ``encoder``
+    (:func:`model.text.pooled_states`)."""
     distinct = sorted(set(texts))
-    out: dict[str, Tensor] = {}
-    for start in range(0, len(distinct), batch):
-        chunk = distinct[start : start + batch]
-        states, mask = encoder.encode(chunk)  # (b, L, E), (b, L)
-        for text, row in zip(chunk, masked_mean(states, mask).float().cpu(), strict=True):
-            out[text] = row
-    return out
+    return dict(zip(distinct, pooled_states(encoder, distinct), strict=True))
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -200,16 +196,13 @@ def worker(payload: dict[str, Any]) -> None:
     tokenizer = load_caption_tokenizer()
     picked = select(read_items(payload["manifest"]), tc)
     texts = [t for i in picked["train"] for t in (i.caption, i.short_caption) if t]
-    embeds: dict[str, Tensor] | None = None
-    if tc.contrastive_weight > 0:
-        from components.core import artifacts
-
-        embeds = caption_embeddings(artifacts.load_text_encoder(cfg), texts)
+    encoder = artifacts.load_text_encoder(cfg) if tc.contrastive_weight > 0 else None
+    embeds = caption_embeddings(encoder, texts) if encoder is not None else None
     torch.manual_seed(cfg.seed)
     objective = CaptionObjective(
         model_config(tc, tokenizer, texts),
         tc.contrastive_weight,
-        text_dim=len(next(iter(embeds.values()))) if embeds else 384,
+        text_dim=encoder.dim if encoder is not None else 384,
     )
     trainer = tr.Trainer(
         objective, train, Path(payload["checkpoint_dir"]), payload.get("mlflow_run_id")
