@@ -143,14 +143,22 @@ def _plan_item(
         else int(rng.choice([1, 2], p=[0.7, 0.3]))
     )
     camera = str(rng.choice(CAMERAS, p=[0.5, 0.25, 0.25])) if video else "static"
+    # The main object (objects[0]: what the short caption names and the factor sidecar's
+    # primary_* columns hold) is strictly the largest at rest when there are several, so the one
+    # a caption calls the main object can be told apart in the picture.
+    sizes = sorted(SIZES, key=SIZES.__getitem__)
     objects = []
     for i in range(num_objects):
         avoid = [PALETTE[o.color] for o in objects]
+        if i == 0:
+            size_choices = sizes[1:] if num_objects > 1 else sizes
+        else:
+            size_choices = sizes[: sizes.index(objects[0].size)]
         objects.append(
             ObjectSpec(
                 shape=shape if i == 0 else str(rng.choice(SHAPES)),
                 color=color if i == 0 else _pick_color(rng, avoid),
-                size=str(rng.choice(list(SIZES))),
+                size=str(rng.choice(size_choices)),
                 texture=str(rng.choice(TEXTURES, p=[0.5, 0.25, 0.25])),
                 motion=motion if i == 0 else (str(rng.choice(MOTIONS)) if video else "still"),
                 x=float(rng.uniform(0.25, 0.75)),
@@ -201,7 +209,8 @@ def plan_corpus(dd: DemoDataConfig) -> list[ClipSpec]:
     """The factors of every synthetic file, a pure function of ``dd`` (videos, then images).
 
     Aspect ratios, primary colours, shapes and motions are balanced across files; frame counts
-    span ``min_frames..max_frames`` evenly, so both short and long clips occur.
+    span ``min_frames..max_frames`` evenly, so both short and long clips occur. In a scene of
+    several objects the primary one is strictly the largest (at rest).
     """
     if dd.num_clips < 0 or dd.num_images < 0:
         raise ValueError(

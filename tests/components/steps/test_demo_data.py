@@ -143,6 +143,21 @@ def test_aspect_ratios_sizes_and_frame_counts(tiny, factors):
     assert (videos.width > videos.height).any() and (videos.width < videos.height).any()
 
 
+def test_the_primary_object_is_strictly_the_largest_in_every_multi_object_scene():
+    """What a caption calls the main object (and the factor sidecar scores) can be seen as such:
+    the plan of the demo profile draws every other object smaller, and still uses every size."""
+    from components.core.demo_corpus import SIZES
+
+    specs = plan_corpus(load_config("demo").demo_data)
+    several = [s for s in specs if len(s.objects) > 1]
+    assert len(several) > 50
+    for spec in several:
+        rest = [SIZES[o.size] for o in spec.objects[1:]]
+        assert SIZES[spec.primary.size] > max(rest), (spec.path, spec.objects)
+    assert {s.primary.size for s in specs} == set(SIZES)
+    assert {o.size for s in several for o in s.objects[1:]} >= {"small", "medium"}
+
+
 @pytest.mark.parametrize("aspect", ["16:9", "9:16", "1:1", "4:3", "21:9"])
 def test_frame_size_is_even_and_keeps_area_and_aspect(aspect):
     width, height = frame_size(aspect, 96 * 96)
