@@ -875,8 +875,8 @@ def bench(
     print_table(records, out)
 
 
-def main() -> None:
-    """Console entry point: known errors become one clear line and exit code 2."""
+def cli() -> None:
+    """Run the command line; known errors become one clear line and ``SystemExit(2)``."""
     from components.core.config import ConfigError
     from components.core.registry import RegistryError
     from components.core.storage import StorageError
@@ -895,3 +895,36 @@ def main() -> None:
     ) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console entry point (``tessera``): :func:`cli`, then an exit that cannot abort.
+
+    A finished command (outputs written, exit status decided) ends with ``os._exit`` once
+    Python-level shutdown is done: executors stopped and non-daemon threads joined
+    (``threading._shutdown``, as finalisation does first), ``atexit`` handlers run (MLflow,
+    logging), stdio flushed. What it skips is the interpreter's own finalisation, where Arrow's
+    C++ thread pools can be torn down with a worker still alive: the process then dies with
+    SIGABRT ("terminate called without an active exception", apache/arrow#34314) after a
+    successful run, and an orchestrator reads a failed task. Exceptions other than
+    ``SystemExit`` propagate as usual (a traceback, exit status 1).
+    """
+    import atexit
+    import threading
+
+    try:
+        cli()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # as Python reports SystemExit("message")
+        code = 1
+    threading._shutdown()  # what finalisation does first: executors told to stop, threads joined
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to flush
+            pass
+    os._exit(code or 0)

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from components.cli import app, main
+from components.cli import app, cli
 
 runner = CliRunner()
 
@@ -47,9 +47,46 @@ def test_config_override_and_error(capsys, monkeypatch):
     assert "workers: 7" in result.output
     monkeypatch.setattr("sys.argv", ["tessera", "config", "--set", "ingest.wokers=1"])
     with pytest.raises(SystemExit) as exit_info:
-        main()
+        cli()
     assert exit_info.value.code == 2
     assert "unknown key ingest.wokers" in capsys.readouterr().err
+
+
+def test_the_tessera_command_exits_with_its_status_and_flushed_output(tmp_path):
+    """The installed entry point ends with os._exit after Python-level shutdown (no SIGABRT
+    from Arrow's thread pools at finalisation): its status, piped output and atexit work stay."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tessera = str(Path(sys.executable).with_name("tessera"))
+    env = {**os.environ, "TESSERA_HOME": str(tmp_path)}
+    ok = subprocess.run(
+        [tessera, "config", "-p", "tiny"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "workers:" in ok.stdout and ok.stdout.endswith("\n")  # piped, fully flushed
+    bad = subprocess.run(
+        [tessera, "config", "--set", "ingest.wokers=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "unknown key ingest.wokers" in bad.stderr
+    # atexit handlers still run: a command's MLflow/logging flushes are not skipped
+    script = (
+        "import atexit, sys; from components import cli; "
+        "atexit.register(lambda: print('atexit ran', flush=True)); "
+        "sys.argv = ['tessera', 'config', '-p', 'tiny']; cli.main()"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.rstrip().endswith("atexit ran")
 
 
 def test_bench_writes_results(tessera_home):
