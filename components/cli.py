@@ -910,6 +910,7 @@ def main() -> None:
     ``SystemExit`` propagate as usual (a traceback, exit status 1).
     """
     import atexit
+    import contextlib
     import threading
 
     try:
@@ -923,8 +924,6 @@ def main() -> None:
     threading._shutdown()  # what finalisation does first: executors told to stop, threads joined
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing to flush
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing left to flush
-            pass
     os._exit(code or 0)
