@@ -308,6 +308,10 @@ class TrainCaptionerConfig:
     # CoCa-style loss of clips against their captions' frozen text-encoder (cfg.text) embeddings
     contrastive_weight: float = 1.0  # 0: captions only (and no text encoder is loaded)
     video_share: float = 0.3  # videos repeated to make at least this share of samples
+    # augmentation that keeps captions true: mirror left-right (left/right words swapped in the
+    # captions) with this probability, and translate by up to this share of the short side
+    hflip: float = 0.5
+    shift: float = 0.08
     cache_mb: int = 512  # decoded, resized training clips kept in memory per process
     eval_every: int = 100  # held-out teacher-forced loss during training
     val_clips: int = 0  # held-out clips the final report decodes (0: all of them)
@@ -329,6 +333,11 @@ class TrainCaptionerConfig:
                 raise ValueError(
                     f"train_captioner.{name} must be in [0, 1), got {getattr(self, name)}"
                 )
+        if not 0.0 <= self.hflip <= 1.0 or not 0.0 <= self.shift < 0.5:
+            raise ValueError(
+                "train_captioner.hflip must be in [0, 1] and train_captioner.shift in [0, 0.5), "
+                f"got {self.hflip} and {self.shift}"
+            )
         if self.short_rate + self.expand_rate >= 1.0:
             raise ValueError(
                 "train_captioner.short_rate + expand_rate must stay below 1 (the rest trains the "

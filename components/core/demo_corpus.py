@@ -268,7 +268,8 @@ _HEADER = re.compile(
     r"(?: of (?P<count>one|two|three) objects?(?: on (?P<background>.*))?)?)?)?"
 )
 _GRADIENT = re.compile(
-    rf"a smooth gradient(?: from (?P<first>{_BG_COLOUR})\b(?: (?P<end>at the top|on the left)"
+    rf"a smooth gradient(?: from (?P<first>{_BG_COLOUR})\b"
+    r"(?: (?P<end>at the top|at the bottom|on the left|on the right)"
     rf"(?: to (?P<second>{_BG_COLOUR})\b)?)?)?"
 )
 _NOISE = re.compile(rf"a mottled, cloudy(?: (?P<first>{_BG_COLOUR})\b)?")
@@ -316,7 +317,9 @@ def _parse_background(phrase: str) -> dict[str, Any]:
             colours = [m["first"], m.groupdict().get("second")] if m["first"] else []
             axis = None
             if kind == "gradient" and m["end"]:
-                axis = "vertical" if m["end"] == "at the top" else "horizontal"
+                axis = "vertical" if m["end"].startswith("at the") else "horizontal"
+                if m["end"] in ("at the bottom", "on the right"):  # stated from the far end
+                    colours = [colours[1], colours[0]] if colours[1] else []
             return {
                 "background": kind,
                 "background_colors": tuple(c for c in colours if c) or None,
@@ -378,7 +381,8 @@ def parse_caption(caption: str) -> dict[str, Any] | None:
 
     Returns:
         ``{"kind", "orientation", "aspect", "num_objects", "background" (solid | gradient |
-        noise), "background_colors" (tuple), "gradient_axis", "camera", "speed", "fps",
+        noise), "background_colors" (tuple; a gradient's top or left colour first, in whichever
+        order the caption names its ends), "gradient_axis", "camera", "speed", "fps",
         "duration_s", "objects": [{"size", "color", "shape", "texture", "motion", "place"}, ...]}``
         (``objects`` in caption order, an object whose sentence is missing all None), or None
         when no sentence of the grammar can be read.

@@ -1,9 +1,10 @@
 """The captioner's data: captioned clips of the manifest, decoded once into a memory cache at the
 model's working size, and training samples (one of three tasks each, a pure function of seed and
-sample position)."""
+sample position), augmented only in ways that keep their captions true."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,10 +139,68 @@ def task_of(item: Item, u: float, tc: TrainCaptionerConfig) -> str:
     return "descriptive"
 
 
+_MIRRORED = {
+    "left": "right",
+    "right": "left",
+    "leftward": "rightward",
+    "rightward": "leftward",
+    "leftwards": "rightwards",
+    "rightwards": "leftwards",
+    "clockwise": "counterclockwise",
+    "counterclockwise": "clockwise",
+    "anticlockwise": "clockwise",
+    "counter-clockwise": "clockwise",
+}
+_MIRROR_WORD = re.compile(
+    r"\b(" + "|".join(sorted(map(re.escape, _MIRRORED), key=len, reverse=True)) + r")\b",
+    re.IGNORECASE,
+)
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the left-right mirrored clip: every left/right (and clockwise) word
+    swapped, its case kept ("from left to right" -> "from right to left"; "Left" -> "Right")."""
+
+    def swap(m: re.Match) -> str:
+        word = m[0]
+        new = _MIRRORED[word.lower()]
+        return new.capitalize() if word[0].isupper() else new
+
+    return _MIRROR_WORD.sub(swap, text)
+
+
+def shift(video: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(C, F, H, W) translated by (dy, dx) pixels, the edge pixels repeated into the gap."""
+    _, _, h, w = video.shape
+    pad = max(abs(dy), abs(dx))
+    if not pad:
+        return video
+    padded = torch.nn.functional.pad(video, (pad, pad, pad, pad), mode="replicate")
+    return padded[..., pad - dy : pad - dy + h, pad - dx : pad - dx + w].contiguous()
+
+
+def augment(
+    video: torch.Tensor, texts: tuple[str, str], tc: TrainCaptionerConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, tuple[str, str]]:
+    """A training clip and its (descriptive, short) captions, augmented so the captions stay
+    true: with probability ``tc.hflip`` mirrored left-right with :func:`mirror_caption` applied
+    to both captions, then translated by up to ``tc.shift`` of the short side in each axis
+    (small against the thirds a caption's "upper left" names). Draws from ``gen`` always, so
+    the draws of a sample do not depend on the config."""
+    flip, dy, dx = torch.rand(3, generator=gen).tolist()
+    if flip < tc.hflip:
+        video, texts = video.flip(-1), (mirror_caption(texts[0]), mirror_caption(texts[1]))
+    reach = round(tc.shift * min(video.shape[-2:]))
+    if reach:
+        video = shift(video, round((2 * dy - 1) * reach), round((2 * dx - 1) * reach))
+    return video, texts
+
+
 class CaptionDataset(torch.utils.data.Dataset):
-    """Training samples keyed by ``(position, index)``: the task is drawn from (seed, position),
-    so a resumed run sees what an uninterrupted one would. No augmentation: captions name
-    colours, positions, directions and aspect ratios."""
+    """Training samples keyed by ``(position, index)``: the task and the augmentation are drawn
+    from (seed, position), so a resumed run sees what an uninterrupted one would. Augmentation
+    (:func:`augment`) only mirrors with the caption's left and right swapped, and translates a
+    little: colours, shapes, sizes, aspect ratios and motion stay what the caption says."""
 
     def __init__(self, items: Sequence[Item], tc: TrainCaptionerConfig, seed: int):
         if not items:
@@ -156,11 +215,14 @@ class CaptionDataset(torch.utils.data.Dataset):
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
         item = self.items[index]
         task = task_of(item, float(torch.rand((), generator=gen)), self.tc)
+        video, (caption, short) = None, (item.caption, item.short_caption)
+        if task != "expand":
+            video, (caption, short) = augment(self.clips(item.clip), (caption, short), self.tc, gen)
         return {
             "task": task,
-            "video": None if task == "expand" else self.clips(item.clip),
-            "prompt": item.short_caption if task == "expand" else "",
-            "text": item.short_caption if task == "short" else item.caption,
+            "video": video,
+            "prompt": short if task == "expand" else "",
+            "text": short if task == "short" else caption,
             "position": position,
         }
 

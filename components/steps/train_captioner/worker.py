@@ -20,6 +20,7 @@ from components.steps.train_captioner.data import (
     CaptionDataset,
     Collate,
     Item,
+    mirror_caption,
     read_items,
     select,
 )
@@ -196,6 +197,8 @@ def worker(payload: dict[str, Any]) -> None:
     tokenizer = load_caption_tokenizer()
     picked = select(read_items(payload["manifest"]), tc)
     texts = [t for i in picked["train"] for t in (i.caption, i.short_caption) if t]
+    if tc.hflip > 0:  # mirrored clips are trained on mirrored captions
+        texts = list(dict.fromkeys([*texts, *map(mirror_caption, texts)]))
     encoder = artifacts.load_text_encoder(cfg) if tc.contrastive_weight > 0 else None
     embeds = caption_embeddings(encoder, texts) if encoder is not None else None
     torch.manual_seed(cfg.seed)

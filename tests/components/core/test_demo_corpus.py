@@ -92,6 +92,20 @@ def test_parse_caption_reads_where_a_still_object_sits():
         assert parse_caption(describe(moved)[0])["objects"][0]["place"] == place
 
 
+def test_parse_caption_reads_a_gradient_named_from_either_end():
+    """A mirrored caption (the captioner's training augmentation) names the ends the other way
+    round; ``background_colors`` stays top/left colour first."""
+    start = "A square 1:1 still image of one object on a smooth gradient from"
+    for text, colours, axis in (
+        ("navy on the left to beige on the right", ("navy", "beige"), "horizontal"),
+        ("beige on the right to navy on the left", ("navy", "beige"), "horizontal"),
+        ("beige at the bottom to navy at the top", ("navy", "beige"), "vertical"),
+        ("beige on the right", None, "horizontal"),  # cut short: the left colour is unknown
+    ):
+        parsed = parse_caption(f"{start} {text}.")
+        assert (parsed["background_colors"], parsed["gradient_axis"]) == (colours, axis), text
+
+
 def test_parse_caption_of_a_truncated_caption_states_only_what_is_there():
     """Cut anywhere (even mid-word), the parse never states a wrong factor."""
     for spec in SPECS[::9]:

@@ -4,6 +4,7 @@ report, resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from components.core import artifacts, trainer
-from components.core.config import load_config
+from components.core.config import DemoDataConfig, load_config
+from components.core.demo_corpus import ClipSpec, describe, parse_caption
 from components.core.trainer import launch
 from components.steps import train_captioner
+from components.steps.demo_data import plan_corpus
 from components.steps.train_captioner import data, worker
 from model.captioner import Captioner
 from tests.testing_utils.data import make_corpus
@@ -75,6 +78,89 @@ def test_samples_follow_the_task_rates_and_positions(manifest):
     assert (
         len(batch["videos"]) + (0 if batch["prompt_ids"] is None else len(batch["prompt_ids"])) == 8
     )
+
+
+def mirrored(spec: ClipSpec) -> ClipSpec:
+    """The spec of ``spec``'s clip mirrored left-right."""
+    sides = {"slide_left": "slide_right", "slide_right": "slide_left"}
+    sides |= {"pan_left": "pan_right", "pan_right": "pan_left"}
+    horizontal = spec.background == "gradient" and spec.gradient_axis == "horizontal"
+    return dataclasses.replace(
+        spec,
+        objects=tuple(
+            dataclasses.replace(o, x=1 - o.x, motion=sides.get(o.motion, o.motion))
+            for o in spec.objects
+        ),
+        background_colors=spec.background_colors[::-1] if horizontal else spec.background_colors,
+        camera=sides.get(spec.camera, spec.camera),
+    )
+
+
+def test_a_mirrored_caption_describes_the_mirrored_clip():
+    specs = plan_corpus(DemoDataConfig(num_clips=40, num_images=60, seed=3))
+    changed = 0
+    for spec in specs:
+        long, short = describe(spec)
+        want_long, want_short = describe(mirrored(spec))
+        assert parse_caption(data.mirror_caption(long)) == parse_caption(want_long), long
+        assert data.mirror_caption(short) == want_short
+        changed += data.mirror_caption(long) != long
+    assert changed > len(specs) // 2  # most captions name a side
+    assert data.mirror_caption("Left of it, the ring turns clockwise; right.") == (
+        "Right of it, the ring turns counterclockwise; left."
+    )
+    assert data.mirror_caption("a bright lightbulb, upright") == "a bright lightbulb, upright"
+
+
+def test_augment_mirrors_with_the_captions_and_shifts_the_frames():
+    video = torch.arange(3 * 2 * 4 * 6, dtype=torch.float32).view(3, 2, 4, 6)  # (C, F, H, W)
+    texts = ("A ball slides from left to right.", "ball sliding right")
+    gen = torch.Generator().manual_seed(0)
+    flip = load_config("tiny", ["train_captioner.hflip=1", "train_captioner.shift=0"])
+    out, found = data.augment(video, texts, flip.train_captioner, gen)
+    assert torch.equal(out, video.flip(-1))
+    assert found == ("A ball slides from right to left.", "ball sliding left")
+    none = load_config("tiny", ["train_captioner.hflip=0", "train_captioner.shift=0"])
+    assert data.augment(video, texts, none.train_captioner, gen) == (video, texts)
+    moved = data.shift(video, 1, -2)  # one row down, two columns left
+    assert moved.shape == video.shape
+    assert torch.equal(moved[..., 1:, :-2], video[..., :-1, 2:])
+    assert torch.equal(moved[..., 0, :], moved[..., 1, :])  # the edge repeated into the gap
+    assert torch.equal(moved[..., -1], moved[..., -3]) and torch.equal(
+        moved[..., -2], moved[..., -3]
+    )
+    some = load_config("tiny", ["train_captioner.hflip=0", "train_captioner.shift=0.25"])
+    shifted = [data.augment(video, texts, some.train_captioner, gen)[0] for _ in range(20)]
+    assert any(not torch.equal(v, video) for v in shifted)  # 0.25 of 4 rows: up to 1 px
+    assert all(
+        any(torch.equal(v, data.shift(video, dy, dx)) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        for v in shifted
+    )
+
+
+def test_augmented_samples_are_a_function_of_seed_and_position(manifest):
+    tc = load_config(
+        "tiny", [*TINY, "train_captioner.expand_rate=0", "train_captioner.shift=0"]
+    ).train_captioner
+    items = data.select(data.read_items(manifest), tc)["train"]
+    ds = data.CaptionDataset(items, tc, seed=0)
+    first = [ds.sample(p, p % len(items)) for p in range(40)]
+    again = [ds.sample(p, p % len(items)) for p in range(40)]
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a["video"], b["video"]) and a["text"] == b["text"]
+    flips = []
+    for p, s in enumerate(first):
+        item = items[p % len(items)]
+        text = item.short_caption if s["task"] == "short" else item.caption
+        clip = ds.clips(item.clip)
+        plain, flipped = torch.equal(s["video"], clip), torch.equal(s["video"], clip.flip(-1))
+        assert plain or flipped
+        if plain != flipped:  # (a mirror-symmetric clip can't tell)
+            assert s["text"] == (data.mirror_caption(text) if flipped else text)
+            flips.append(flipped)
+    assert 0 < sum(flips) < len(flips)
+    with pytest.raises(ValueError, match="train_captioner.hflip must be in"):
+        load_config("tiny", ["train_captioner.hflip=1.5"])
 
 
 def ds_tokenizer():
